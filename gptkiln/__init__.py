@@ -1,0 +1,3 @@
+"""gptkiln: export GPT-style decoders to verified inference engines."""
+
+__version__ = "0.1.0"

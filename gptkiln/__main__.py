@@ -1,0 +1,3 @@
+from gptkiln.cli import run
+
+run()

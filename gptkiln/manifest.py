@@ -1,0 +1,79 @@
+"""manifest.json: what an output directory holds, where it came from, and how it was proven.
+
+It is written last; its file list (sha256 of every file) is what `verify` checks first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from gptkiln.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+FORMAT = "gptkiln/1"
+VERSIONED_PACKAGES = ("gptkiln", "torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime")
+
+
+def tool_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(root: Path, body: dict) -> dict:
+    manifest = {"format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **body, "files": file_hashes(root)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(root: Path, check_files: bool = True) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"'{root}' has no {MANIFEST}: it is not a gptkiln output (or its build did not finish)",
+                            "point at a directory written by `gptkiln export`, or export again")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})", "export again") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} has format {manifest.get('format')!r}, this gptkiln reads {FORMAT!r}",
+                            "export again with this version of gptkiln")
+    if check_files:
+        verify_files(root, manifest["files"])
+    return manifest
+
+
+def verify_files(root: Path, expected: dict[str, str]) -> None:
+    problems = []
+    for name, digest in expected.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"missing {name}")
+        elif sha256_file(path) != digest:
+            problems.append(f"changed {name}")
+    if problems:
+        raise ArtifactError(f"'{root}' does not match its manifest: {', '.join(problems)}",
+                            "restore the files or export again")

@@ -1,0 +1,148 @@
+"""Load a causal LM and its tokenizer: a preset, a local directory or a Hugging Face id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptkiln.errors import ModelNotFoundError, NotAModelError, UnsupportedModelError
+from gptkiln.models.spec import DecoderSpec, decoder_spec
+
+REFERENCE_DIR = Path(__file__).parent / "reference"
+# Bare "gpt2" is the hub id of OpenAI's weights; the random-weight preset is "preset:gpt2".
+PRESETS = ("reference", "preset:reference", "preset:gpt2")
+GPT2_PRESET_SEED = 0
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel, eval mode, fp32
+    tokenizer: object  # transformers tokenizer; pad token set, left padding
+    spec: DecoderSpec
+    source: dict  # {"kind", "name", "sha256"}: written into the manifest
+
+
+def load_model(name: str) -> LoadedModel:
+    if name in ("reference", "preset:reference"):
+        loaded = _load_directory(REFERENCE_DIR)
+        loaded.source["kind"], loaded.source["name"] = "preset", "reference"
+        return loaded
+    if name == "preset:gpt2":
+        return _gpt2_preset()
+    if name.startswith("preset:"):
+        raise ModelNotFoundError(f"unknown preset '{name}'", f"use one of: {', '.join(PRESETS)}")
+    path = Path(name).expanduser()
+    if path.exists():
+        return _load_directory(path)
+    if _looks_like_path(name):
+        raise ModelNotFoundError(
+            f"model path '{name}' does not exist",
+            "check the path, or give a Hugging Face id such as 'openai-community/gpt2'",
+        )
+    return _load_hub(name)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _load_directory(path: Path) -> LoadedModel:
+    if not path.is_dir():
+        raise NotAModelError(f"'{path}' is a file, not a model directory",
+                             "give the directory that holds config.json and the weights")
+    if not (path / "config.json").is_file():
+        raise NotAModelError(
+            f"'{path}' is not a model directory: it has no config.json",
+            "give a directory written by save_pretrained() (config.json, weights, tokenizer files)",
+        )
+    weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not weights:
+        raise NotAModelError(f"'{path}' has a config.json but no weights (*.safetensors / *.bin)",
+                             "copy the weight files into the directory, or re-save the model")
+    config = _read_config(str(path))
+    spec = decoder_spec(config)
+    model = _from_pretrained(str(path), config)
+    tokenizer = _load_tokenizer(str(path))
+    digest = hashlib.sha256()
+    for file in [path / "config.json", *weights]:
+        digest.update(file.name.encode())
+        digest.update(_sha256_file(file).encode())
+    return LoadedModel(model, tokenizer, spec,
+                       {"kind": "local", "name": str(path.resolve()), "sha256": digest.hexdigest()})
+
+
+def _load_hub(model_id: str) -> LoadedModel:
+    try:
+        config = _read_config(model_id)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"could not fetch '{model_id}' from the Hugging Face Hub: {str(exc).splitlines()[0]}",
+            "check the id and the network, or download the model and pass its local directory",
+        ) from None
+    spec = decoder_spec(config)
+    model = _from_pretrained(model_id, config)
+    tokenizer = _load_tokenizer(model_id)
+    revision = getattr(config, "_commit_hash", None) or "unknown"
+    return LoadedModel(model, tokenizer, spec, {"kind": "hub", "name": model_id, "sha256": revision})
+
+
+def _gpt2_preset() -> LoadedModel:
+    """GPT-2 small's shape (124M) with seeded random weights and the reference tokenizer: for speed only."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    reference_config = json.loads((REFERENCE_DIR / "config.json").read_text())
+    config = GPT2Config(bos_token_id=reference_config["bos_token_id"],
+                        eos_token_id=reference_config["eos_token_id"])
+    torch.manual_seed(GPT2_PRESET_SEED)
+    model = GPT2LMHeadModel(config).eval()
+    digest = hashlib.sha256(config.to_json_string().encode() + f"seed={GPT2_PRESET_SEED}".encode())
+    return LoadedModel(model, _load_tokenizer(str(REFERENCE_DIR)), decoder_spec(config),
+                       {"kind": "preset", "name": "preset:gpt2", "sha256": digest.hexdigest()})
+
+
+def _read_config(name: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except ValueError as exc:  # unknown model_type, malformed config
+        raise UnsupportedModelError(f"cannot read the model config of '{name}': {exc}",
+                                    "check that config.json is a transformers config") from None
+
+
+def _from_pretrained(name: str, config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+    except ValueError as exc:  # architecture without a causal-LM head
+        raise UnsupportedModelError(f"'{name}' has no causal-LM head: {str(exc).splitlines()[0]}",
+                                    "export a model class ending in ...ForCausalLM / ...LMHeadModel") from None
+    return model.eval()
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise NotAModelError(f"no usable tokenizer in '{name}': {str(exc).splitlines()[0]}",
+                             "save the tokenizer beside the model (tokenizer.save_pretrained(dir))") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

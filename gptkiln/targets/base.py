@@ -1,0 +1,46 @@
+"""A target compiles the exported graph into engine files; its Runner speaks the IO contract.
+
+Runners take and return numpy arrays. The KV cache is whatever the runner returned from
+its previous step (a list of `present` arrays for contract-speaking runners); callers
+only pass it back, so a target may keep its cache internally.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from gptkiln.models.spec import DecoderSpec
+
+
+class Runner(ABC):
+    def __init__(self, spec: DecoderSpec):
+        self.spec = spec
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.spec.num_layers)]
+
+    @abstractmethod
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward pass: logits [batch, seq, vocab] and the cache for the next step."""
+
+
+class Target(ABC):
+    name: str
+    description: str
+
+    @abstractmethod
+    def check_available(self) -> None:
+        """Raise TargetUnavailableError (with the install command) when the runtime is missing."""
+
+    @abstractmethod
+    def compile(self, onnx_path: Path, out_dir: Path) -> dict:
+        """Write the engine files into out_dir; return the settings to record in the manifest."""
+
+    @abstractmethod
+    def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
+        """Load the engine files written by compile()."""

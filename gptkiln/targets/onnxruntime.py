@@ -1,0 +1,74 @@
+"""ONNX Runtime: the portable baseline. CPU everywhere, CUDA where onnxruntime-gpu and a GPU exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gptkiln.errors import ExportError, TargetUnavailableError
+from gptkiln.exporter import io_spec
+from gptkiln.exporter.to_onnx import MODEL_FILE
+from gptkiln.models.spec import DecoderSpec
+from gptkiln.targets.base import Runner, Target
+
+# Every optimisation ORT has, applied when the session is created: the result is specific
+# to the host's CPU/GPU, so it is never saved; the portable graph is what we ship.
+OPTIMIZATION_LEVEL = "ORT_ENABLE_ALL"
+
+
+def providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def create_session(model_path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVEL)
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_path), options, providers=providers())
+
+
+class OnnxRuntimeRunner(Runner):
+    def __init__(self, spec: DecoderSpec, session):
+        super().__init__(spec)
+        self.session = session
+        self.past_names = io_spec.past_names(spec.num_layers)
+
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds.update(zip(self.past_names, cache))
+        logits, *present = self.session.run(None, feeds)
+        return logits, present
+
+
+class OnnxRuntimeTarget(Target):
+    name = "onnxruntime"
+    description = "ONNX Runtime (CPU; CUDA when onnxruntime-gpu sees a GPU)"
+
+    def check_available(self) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise TargetUnavailableError("onnxruntime is not installed", "pip install onnxruntime") from None
+
+    def compile(self, onnx_path: Path, out_dir: Path) -> dict:
+        import onnx_ir as ir
+        import onnxruntime as ort
+
+        model = ir.load(onnx_path)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ir.save(model, out_dir / MODEL_FILE, external_data=MODEL_FILE + ".data")
+        try:
+            create_session(out_dir / MODEL_FILE)  # fail here, not on the user's device
+        except Exception as exc:
+            raise ExportError(f"compile (onnxruntime): the session cannot be created: {exc}",
+                              "report this with the model config; the exported graph is invalid for ORT") from exc
+        return {"model": MODEL_FILE, "graph_optimization_level": OPTIMIZATION_LEVEL,
+                "providers": providers(), "onnxruntime": ort.__version__}
+
+    def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
+        self.check_available()
+        return OnnxRuntimeRunner(spec, create_session(out_dir / MODEL_FILE))

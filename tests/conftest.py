@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny models built in code and saved as real local model directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from gptkiln.models.loading import REFERENCE_DIR  # noqa: E402
+
+VOCAB = 4096  # the reference tokenizer's vocabulary, shared by every tiny model
+
+# One tiny config per supported family: 2 layers, small widths, grouped-query attention
+# where the family has it. Values are real config fields, nothing is patched afterwards.
+TINY_CONFIGS = {
+    "gpt2": ("GPT2Config", dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)),
+    "gpt_neo": ("GPTNeoConfig", dict(num_layers=2, num_heads=4, hidden_size=64, max_position_embeddings=128,
+                                     attention_types=[[["global", "local"], 1]], window_size=8)),
+    "gptj": ("GPTJConfig", dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, rotary_dim=8)),
+    "gpt_neox": ("GPTNeoXConfig", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
+                                       intermediate_size=128, max_position_embeddings=128)),
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, multi_query=True)),
+    "llama": ("LlamaConfig", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  hidden_size=64, intermediate_size=128, max_position_embeddings=128)),
+    "qwen2": ("Qwen2Config", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  hidden_size=64, intermediate_size=128, max_position_embeddings=128)),
+}
+
+
+def save_tiny_model(model_type: str, directory: Path, seed: int = 0) -> Path:
+    """A randomly initialised tiny model of the family, saved with the reference tokenizer."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    class_name, fields = TINY_CONFIGS[model_type]
+    config = getattr(transformers, class_name)(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(REFERENCE_DIR).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A factory: model_type -> local directory of a tiny model (made once per session)."""
+    made: dict[str, Path] = {}
+
+    def make(model_type: str) -> Path:
+        if model_type not in made:
+            made[model_type] = save_tiny_model(model_type, tmp_path_factory.mktemp(model_type))
+        return made[model_type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def reference_build(tmp_path_factory):
+    """The bundled reference model exported to ONNX Runtime once: (BuildResult, output dir)."""
+    from gptkiln.config import BuildConfig
+    from gptkiln.pipeline import build
+
+    output = tmp_path_factory.mktemp("builds") / "reference"
+    return build(BuildConfig(model="reference", output=output)), output

@@ -1,0 +1,27 @@
+"""Every supported family: a tiny random model exported, compiled and held to the fp32 parity gate."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptkiln.config import BuildConfig
+from gptkiln.models.spec import SUPPORTED_MODEL_TYPES
+from gptkiln.pipeline import build
+
+from conftest import TINY_CONFIGS
+
+
+def test_every_supported_family_has_a_parity_test():
+    assert set(TINY_CONFIGS) == set(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_family_passes_fp32_parity_on_onnxruntime(model_type, tiny_model_dir, tmp_path):
+    result = build(BuildConfig(model=str(tiny_model_dir(model_type)), output=tmp_path / "out"))
+    assert result.ok, result.targets[0].failures
+    assert result.spec.model_type == model_type
+    comparisons = {c.name: c for c in result.targets[0].parity.comparisons}
+    assert comparisons["batch1/logits"].rel <= 1e-4
+    assert comparisons["padded/logits"].rel <= 1e-4
+    assert all(g.matched == g.tokens == 32 for g in result.targets[0].parity.greedy)
+    assert (tmp_path / "out" / "manifest.json").is_file()

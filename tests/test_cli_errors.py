@@ -1,0 +1,124 @@
+"""Bad input: a one-line cause and fix, a distinct exit code, and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gptkiln.cli import main
+from gptkiln.errors import GptkilnError
+
+
+def leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_exit_codes_are_distinct():
+    codes = [cls.exit_code for cls in GptkilnError.__subclasses__()]
+    assert len(codes) == len(set(codes)) and 0 not in codes and 1 not in codes
+
+
+def test_missing_path(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "nope"), "-o", str(tmp_path / "out"))
+    assert code == 3
+    assert "does not exist" in err and "fix:" in err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+
+
+def test_directory_that_is_not_a_model(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hello")
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "notes"), "-o", str(tmp_path / "out"))
+    assert code == 4
+    assert "no config.json" in err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+
+
+def test_encoder_only_model(tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                               intermediate_size=64, vocab_size=100)).save_pretrained(tmp_path / "bert")
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "bert"), "-o", str(tmp_path / "out"))
+    assert code == 5
+    assert "model type 'bert' is not a supported decoder-only causal LM" in err and "GPT-2 (gpt2)" in err
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+
+
+def test_existing_non_empty_output_without_force(tmp_path, capsys, tiny_model_dir):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "export", str(tiny_model_dir("gpt2")), "-o", str(tmp_path / "out"))
+    assert code == 6
+    assert "--force" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert not leftovers(tmp_path, "out")
+
+
+def test_force_replaces_an_existing_output(tmp_path, capsys, tiny_model_dir):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    code, _, _ = run_cli(capsys, "export", str(tiny_model_dir("gpt2")), "-o", str(tmp_path / "out"), "--force")
+    assert code == 0
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "manifest.json").is_file()
+    assert not leftovers(tmp_path, "out")
+
+
+def test_unknown_target(tmp_path, capsys, tiny_model_dir):
+    code, _, err = run_cli(capsys, "export", str(tiny_model_dir("gpt2")), "-o", str(tmp_path / "out"),
+                           "--target", "tpu")
+    assert code == 2
+    assert "unknown target 'tpu'" in err and "onnxruntime" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_errors_are_machine_readable(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "export", str(tmp_path / "nope"), "-o", str(tmp_path / "out"), "--json")
+    error = json.loads(out)["error"]
+    assert code == error["exit_code"] == 3 and error["type"] == "ModelNotFoundError" and error["fix"]
+
+
+def test_failed_parity_gate_exits_9_names_the_output_and_writes_nothing(tmp_path, capsys, tiny_model_dir):
+    # fp32 ORT differs from PyTorch by ~1e-7 of the logit scale; a 1e-12 bar cannot hold.
+    code, out, err = run_cli(capsys, "export", str(tiny_model_dir("gpt2")), "-o", str(tmp_path / "out"),
+                             "--logits-rel", "1e-12", "--json")
+    assert code == 9
+    assert "batch1/logits: max |diff|" in err and "at step" in err
+    assert json.loads(out)["error"]["details"]["targets"]["onnxruntime"]["passed"] is False
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+
+
+def test_console_script_reports_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gptkiln", "export", str(tmp_path / "nope"), "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-2].startswith("gptkiln: error: model path")
+    assert proc.stderr.splitlines()[-1].startswith("  fix: ")
+
+
+@pytest.mark.parametrize("argv", [["verify", "{tmp}/missing"], ["generate", "{tmp}/missing", "--prompt", "x"]])
+def test_verify_and_generate_on_a_non_output(tmp_path, capsys, argv):
+    code, _, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 10 and "manifest.json" in err
+
+
+def test_unreachable_hub_id_is_model_not_found(tmp_path):
+    """The real Hub loading path, offline: a clear cause, exit 3, no traceback."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "gptkiln", "export", "someorg/some-gpt", "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert "could not fetch 'someorg/some-gpt' from the Hugging Face Hub" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
