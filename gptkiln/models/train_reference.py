@@ -8,7 +8,8 @@ perplexity is measured on the same text on every machine.
 
 Reproduce with:  python -m gptkiln.models.train_reference [--steps N] [--out DIR]
 Fixed seed, fixed step count. On a 2-core CPU (torch 2.13, Python 3.11.7 stdlib) the
-default run takes about 20 minutes; the corpus differs slightly between Python versions,
+default run takes ~0.75 s a step, about 20 minutes (the committed run took 34 minutes on a
+shared machine, see training.json); the corpus differs slightly between Python versions,
 so weights trained elsewhere differ slightly too.
 """
 
