@@ -107,7 +107,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
         reference = _reference_runner(loaded)
         for target in targets:
             with progress.stage(f"compile {target.name}"):
-                settings = target.compile(work / EXPORT_DIR / "model.onnx", work / target.name)
+                settings = target.compile(work / EXPORT_DIR / "model.onnx", work / target.name, loaded.spec)
+            _warn_short_fusions(progress, target.name, settings["fusion"])
             with progress.stage(f"parity {target.name}"):
                 report = run_parity(target.load(work / target.name, loaded.spec), reference,
                                     parity_prompts(loaded.tokenizer), config.parity)
@@ -148,6 +149,14 @@ def verify(output: Path, tolerances: Tolerances, settings: ParitySettings,
     result.stage_seconds = progress.seconds
     _raise_if_failed(result)
     return result
+
+
+def _warn_short_fusions(progress: Progress, target: str, fusion: dict) -> None:
+    """A fusion that fired fewer times than the DecoderSpec says is slower, not wrong: warn, with why."""
+    for count in fusion["fusions"]:
+        if count["expected"] is not None and count["actual"] < count["expected"]:
+            progress.say(f"    warning: {target}: fusion {count['name']} fired {count['actual']} of "
+                         f"{count['expected']} times; best partial match: {count['reason']}")
 
 
 def _raise_if_failed(result: BuildResult) -> None:

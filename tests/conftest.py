@@ -67,3 +67,22 @@ def reference_build(tmp_path_factory):
 
     output = tmp_path_factory.mktemp("builds") / "reference"
     return build(BuildConfig(model="reference", output=output)), output
+
+
+@pytest.fixture(scope="session")
+def reference_export(tmp_path_factory):
+    """The reference model's raw (unfused) export: (path to model.onnx, DecoderSpec)."""
+    from gptkiln.exporter.to_onnx import export_onnx
+    from gptkiln.models.loading import load_model
+
+    loaded = load_model("reference")
+    result = export_onnx(loaded, tmp_path_factory.mktemp("export"), opset=18)
+    return result.path, loaded.spec
+
+
+@pytest.fixture
+def fresh_graph(reference_export):
+    """A new in-memory copy of the raw export for each test to rewrite."""
+    import onnx_ir as ir
+
+    return lambda: ir.load(reference_export[0])

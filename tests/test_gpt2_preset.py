@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from gptkiln.config import BuildConfig
 from gptkiln.pipeline import build
 
 
-@pytest.mark.slow
 def test_gpt2_small_preset_passes_fp32_parity(tmp_path):
     result = build(BuildConfig(model="preset:gpt2", output=tmp_path / "out"))
     assert result.ok, result.targets[0].failures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ def export_onnx(loaded: LoadedModel, out_dir: Path, opset: int) -> ExportResult:
     wrapper = KVCacheDecoder(loaded.model, spec).eval()
     input_ids, attention_mask, position_ids, past = example_inputs(loaded)
     started = time.perf_counter()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # torch resets it on import; set it here
     try:
         with torch.no_grad():
             program = torch.onnx.export(

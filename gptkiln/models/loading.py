@@ -99,6 +99,10 @@ def _gpt2_preset() -> LoadedModel:
                         eos_token_id=reference_config["eos_token_id"])
     torch.manual_seed(GPT2_PRESET_SEED)
     model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # GPT-2's init zeroes every bias; real checkpoints have none at zero
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.02)
     digest = hashlib.sha256(config.to_json_string().encode() + f"seed={GPT2_PRESET_SEED}".encode())
     return LoadedModel(model, _load_tokenizer(str(REFERENCE_DIR)), decoder_spec(config),
                        {"kind": "preset", "name": "preset:gpt2", "sha256": digest.hexdigest()})

@@ -34,6 +34,7 @@ class DecoderSpec:
     max_positions: int
     tied_embeddings: bool
     sliding_window: int | None  # set when some layers use sliding-window attention
+    activation: str  # the MLP activation as transformers names it ("gelu_new", "silu", ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,4 +73,5 @@ def decoder_spec(config) -> DecoderSpec:
         max_positions=config.max_position_embeddings,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         sliding_window=window,
+        activation=getattr(config, "activation_function", None) or getattr(config, "hidden_act", "") or "",
     )

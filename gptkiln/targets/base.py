@@ -32,14 +32,16 @@ class Runner(ABC):
 class Target(ABC):
     name: str
     description: str
+    fusion_sets: tuple[str, ...]  # which gptkiln.graph fusion sets this runtime can run
 
     @abstractmethod
     def check_available(self) -> None:
         """Raise TargetUnavailableError (with the install command) when the runtime is missing."""
 
     @abstractmethod
-    def compile(self, onnx_path: Path, out_dir: Path) -> dict:
-        """Write the engine files into out_dir; return the settings to record in the manifest."""
+    def compile(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> dict:
+        """Write the engine files into out_dir; return the settings to record in the manifest
+        (with a "fusion" entry: the FusionReport of the graph this target runs)."""
 
     @abstractmethod
     def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:

@@ -47,6 +47,7 @@ class OnnxRuntimeRunner(Runner):
 class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     description = "ONNX Runtime (CPU; CUDA when onnxruntime-gpu sees a GPU)"
+    fusion_sets = ("portable", "onnxruntime")
 
     def check_available(self) -> None:
         try:
@@ -54,11 +55,14 @@ class OnnxRuntimeTarget(Target):
         except ImportError:
             raise TargetUnavailableError("onnxruntime is not installed", "pip install onnxruntime") from None
 
-    def compile(self, onnx_path: Path, out_dir: Path) -> dict:
+    def compile(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> dict:
         import onnx_ir as ir
         import onnxruntime as ort
 
+        from gptkiln.graph import optimize
+
         model = ir.load(onnx_path)
+        fusion = optimize(model, spec, self.fusion_sets)
         out_dir.mkdir(parents=True, exist_ok=True)
         ir.save(model, out_dir / MODEL_FILE, external_data=MODEL_FILE + ".data")
         try:
@@ -67,7 +71,7 @@ class OnnxRuntimeTarget(Target):
             raise ExportError(f"compile (onnxruntime): the session cannot be created: {exc}",
                               "report this with the model config; the exported graph is invalid for ORT") from exc
         return {"model": MODEL_FILE, "graph_optimization_level": OPTIMIZATION_LEVEL,
-                "providers": providers(), "onnxruntime": ort.__version__}
+                "providers": providers(), "onnxruntime": ort.__version__, "fusion": fusion.to_dict()}
 
     def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
         self.check_available()

@@ -1,0 +1,55 @@
+"""ONNX Runtime: residual Add + LayerNormalization -> com.microsoft SkipLayerNormalization.
+
+    s = Add(a, b); y = LayerNormalization(s, gamma, beta)   ==>   y, _, _, s = SkipLayerNormalization(a, b, gamma, beta)
+
+The sum stays available (output 3) for the next residual connection.
+"""
+
+from __future__ import annotations
+
+from onnxscript.rewriter import pattern
+
+from gptkiln.graph.fusion import Fusion
+
+# Families whose every LayerNormalization follows a residual Add: two per layer, plus the
+# final norm; the first block's norm follows the token + position embedding Add.
+RESIDUAL_LAYOUT = ("gpt2", "gpt_bigcode", "gpt_neo")
+
+
+class SkipLayerNorm(pattern.RewriteRuleClassBase):
+    def pattern(self, op, a, b, gamma, beta):
+        total = op.Add(a, b, _outputs=["total"])
+        normed = op.LayerNormalization(total, gamma, beta, _allow_other_attributes=True, _outputs=["normed"])
+        return normed, total
+
+    def check(self, context, a, b, gamma, beta, normed, **_):
+        result = pattern.MatchResult()
+        attrs = normed.producer().attributes
+        if attrs.get_int("axis", -1) != -1:
+            return result.fail("LayerNormalization is not over the last axis", normed.producer())
+        for name, value in (("input", a), ("skip", b)):
+            if value.shape is None or value.shape.rank() != 3:
+                return result.fail(f"{name} must be [batch, seq, hidden], got {value.shape}", value)
+        if a.shape[2] != b.shape[2]:
+            return result.fail("input and skip widths differ", b)
+        for name, value in (("gamma", gamma), ("beta", beta)):
+            if value.const_value is None or value.shape.rank() != 1:
+                return result.fail(f"{name} is not a constant 1-D tensor", value)
+        return result
+
+    def rewrite(self, op, a, b, gamma, beta, normed, **_):
+        epsilon = normed.producer().attributes.get_float("epsilon", 1e-5)
+        out, _, _, total = op.SkipLayerNormalization(a, b, gamma, beta, epsilon=epsilon,
+                                                     _domain="com.microsoft", _outputs=4)
+        return out, total
+
+
+def _rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([SkipLayerNorm.rule()])
+
+
+def _expected(spec) -> int | None:
+    return 2 * spec.num_layers + 1 if spec.model_type in RESIDUAL_LAYOUT else None
+
+
+FUSION = Fusion("skip_layer_norm", "onnxruntime", _rules, _expected)

@@ -1,0 +1,20 @@
+import onnx_ir as ir
+
+from gptkiln.graph import skip_layer_norm
+
+
+def test_every_residual_norm_fuses_and_keeps_the_sum(fresh_graph, reference_export):
+    model, spec = fresh_graph(), reference_export[1]
+    count = skip_layer_norm.FUSION.apply(model, spec)
+    assert count.actual == count.expected == 2 * spec.num_layers + 1
+    skips = [n for n in model.graph if n.op_type == "SkipLayerNormalization"]
+    # all but the final norm feed the next residual Add through output 3 (input + skip)
+    assert sum(1 for n in skips if n.outputs[3].uses()) == 2 * spec.num_layers
+
+
+def test_a_norm_over_another_axis_is_not_fused(fresh_graph, reference_export):
+    model, spec = fresh_graph(), reference_export[1]
+    norm = next(n for n in model.graph if n.op_type == "LayerNormalization")
+    norm.attributes["axis"] = ir.AttrInt64("axis", 1)
+    count = skip_layer_norm.FUSION.apply(model, spec)
+    assert count.short and "not over the last axis" in count.reason
