@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 PYTHON ?= python
 OUT ?= out/reference
 
-.PHONY: install install-dev demo test test-slow
+.PHONY: install install-dev demo test
 
 install:
 	$(if $(TORCH),$(PYTHON) -m pip install $(TORCH))
@@ -19,6 +19,3 @@ demo: install
 
 test: install-dev
 	$(PYTHON) -m pytest
-
-test-slow: install-dev
-	$(PYTHON) -m pytest -m slow

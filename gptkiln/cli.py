@@ -135,8 +135,15 @@ def _summary(result) -> str:
     table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     table.insert(1, "  ".join("-" * width for width in widths))
     stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.stage_seconds.items())
+    fusions = [f"fusion  {t.name}: {_fusion_line(t.settings['fusion'])}" for t in result.targets]
     return (f"model   {result.model['name']} ({result.spec.model_type}, {result.spec.num_layers} layers)\n"
-            f"output  {result.output}\nstages  {stages}\n\n" + "\n".join(table))
+            f"output  {result.output}\nstages  {stages}\n" + "\n".join(fusions) + "\n\n" + "\n".join(table))
+
+
+def _fusion_line(fusion: dict) -> str:
+    counts = ", ".join(f"{c['name']} {c['actual']}" + (f"/{c['expected']}" if c["expected"] is not None else "")
+                       for c in fusion["fusions"])
+    return f"{counts}; nodes {fusion['nodes_before']} -> {fusion['nodes_after']}"
 
 
 def run() -> None:

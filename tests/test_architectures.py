@@ -28,3 +28,12 @@ def test_family_passes_fp32_parity_on_onnxruntime(model_type, tiny_model_dir, tm
     fusion = result.targets[0].settings["fusion"]["fusions"]
     short = [f for f in fusion if f["expected"] is not None and f["actual"] < f["expected"]]
     assert not short, short  # a fusion that stopped matching fails here, the day it happens
+
+
+def test_opset20_build_passes_parity_with_every_fusion(tmp_path):
+    result = build(BuildConfig(model="reference", output=tmp_path / "out", opset=20))
+    assert result.ok, result.targets[0].failures
+    counts = {f["name"]: (f["expected"], f["actual"]) for f in result.targets[0].settings["fusion"]["fusions"]}
+    layers = result.spec.num_layers
+    assert counts["attention_with_kv_cache"] == (layers, layers)
+    assert counts["fast_gelu"] == (layers, layers) and counts["gelu"] == (layers, layers)

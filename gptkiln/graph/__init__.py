@@ -10,13 +10,15 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from gptkiln.graph import attention, fast_gelu, gemm_to_matmul, skip_layer_norm
+from gptkiln.graph import attention, fast_gelu, gelu, gemm_to_matmul, skip_layer_norm
 from gptkiln.graph.cleanup import cleanup
 from gptkiln.graph.fusion import Fusion, FusionCount
 from gptkiln.models.spec import DecoderSpec
 
-# In the order they run: later fusions rely on earlier ones (FastGelu's bias on GemmToMatMul).
-FUSIONS: tuple[Fusion, ...] = (gemm_to_matmul.FUSION, attention.FUSION, skip_layer_norm.FUSION, fast_gelu.FUSION)
+# In the order they run: later fusions rely on earlier ones (FastGelu's bias on GemmToMatMul,
+# and it also takes the Gelu that the portable rule makes).
+FUSIONS: tuple[Fusion, ...] = (gemm_to_matmul.FUSION, gelu.FUSION, attention.FUSION, skip_layer_norm.FUSION,
+                               fast_gelu.FUSION)
 
 
 @dataclass

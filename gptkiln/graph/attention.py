@@ -99,7 +99,7 @@ def _rules() -> pattern.RewriteRuleSet:
 FUSED_FAMILIES = ("gpt2",)
 
 
-def _expected(spec) -> int | None:
+def _expected(spec, opset: int) -> int | None:
     fused = spec.model_type in FUSED_FAMILIES and spec.num_kv_heads == spec.num_heads
     return per_layer(spec) if fused else None
 

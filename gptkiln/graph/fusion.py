@@ -38,11 +38,11 @@ class Fusion:
     name: str
     fusion_set: str
     rules: Callable[[], pattern.RewriteRuleSet]  # built on use: rules hold no model state
-    expected: Callable[[DecoderSpec], int | None]
+    expected: Callable[[DecoderSpec, int], int | None]  # (spec, the graph's default-domain opset)
 
     def apply(self, model: ir.Model, spec: DecoderSpec) -> FusionCount:
         actual = self.rules().apply_to_model(model)
-        expected = self.expected(spec)
+        expected = self.expected(spec, model.opset_imports.get("", 0))
         reason = ""
         if expected is not None and actual < expected:
             reason = self.why_not(model)

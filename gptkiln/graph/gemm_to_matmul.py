@@ -43,4 +43,4 @@ def _rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet([GemmToMatMul.rule()])
 
 
-FUSION = Fusion("gemm_to_matmul", "portable", _rules, lambda spec: None)  # a prerequisite: no count to expect
+FUSION = Fusion("gemm_to_matmul", "portable", _rules, lambda spec, opset: None)  # a prerequisite: no count to expect

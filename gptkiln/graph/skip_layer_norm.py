@@ -48,7 +48,7 @@ def _rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet([SkipLayerNorm.rule()])
 
 
-def _expected(spec) -> int | None:
+def _expected(spec, opset: int) -> int | None:
     return 2 * spec.num_layers + 1 if spec.model_type in RESIDUAL_LAYOUT else None
 
 

@@ -37,6 +37,6 @@ def test_only_verified_families_expect_fusion():
     from transformers import GPT2Config
 
     spec = decoder_spec(GPT2Config(n_layer=2))
-    assert attention.FUSION.expected(spec) == 2
-    assert attention.FUSION.expected(replace(spec, num_kv_heads=4)) is None  # grouped-query
-    assert attention.FUSION.expected(replace(spec, model_type="gptj")) is None
+    assert attention.FUSION.expected(spec, 18) == 2
+    assert attention.FUSION.expected(replace(spec, num_kv_heads=4), 18) is None  # grouped-query
+    assert attention.FUSION.expected(replace(spec, model_type="gptj"), 18) is None
