@@ -77,16 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (export, verify):
         sub.add_argument("--decode-steps", type=int, default=ParitySettings.decode_steps,
                          help="decode steps compared after the prefill")
-        sub.add_argument("--logits-rel", type=float, default=Tolerances.logits_rel,
-                         help="max |logit diff| allowed, relative to max |logit|")
+        sub.add_argument("--logits-rel", type=float, default=None,
+                         help=f"max |logit diff| allowed, relative to max |logit| (export default "
+                              f"{Tolerances.logits_rel:g}; verify default: what the build was held to)")
     return parser
 
 
-def _tolerances(args) -> tuple[Tolerances, ParitySettings]:
-    if args.decode_steps < 1 or args.logits_rel <= 0:
+def _tolerances(args) -> tuple[Tolerances | None, ParitySettings]:
+    """(None, ...) when --logits-rel was not given: the caller picks its default."""
+    if args.decode_steps < 1 or (args.logits_rel is not None and args.logits_rel <= 0):
         raise UsageError("--decode-steps must be >= 1 and --logits-rel > 0", "fix the option values")
-    return (Tolerances(logits_rel=args.logits_rel, padded_rel=args.logits_rel),
-            ParitySettings(decode_steps=args.decode_steps))
+    tolerances = None if args.logits_rel is None else Tolerances(logits_rel=args.logits_rel, padded_rel=args.logits_rel)
+    return tolerances, ParitySettings(decode_steps=args.decode_steps)
 
 
 def _export(args):
@@ -97,7 +99,7 @@ def _export(args):
         raise UsageError(f"--opset {args.opset} is too old", "use --opset 18 or newer")
     tolerances, parity = _tolerances(args)
     config = BuildConfig(model=args.model, output=args.output, targets=tuple(args.targets or available_targets()),
-                         opset=args.opset, force=args.force, tolerances=tolerances, parity=parity)
+                         opset=args.opset, force=args.force, tolerances=tolerances or Tolerances(), parity=parity)
     result = build(config, Progress(enabled=True))
     return result.to_dict(), _summary(result)
 

@@ -32,7 +32,6 @@ class ParitySettings:
     decode_steps: int = 16
     greedy_tokens: int = 32
     padded_batch: int = 4
-    seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ class UnsupportedModelError(GptkilnError):
     exit_code = 5
 
 
-class OutputExistsError(GptkilnError):
-    """The output directory exists and is not empty."""
+class OutputError(GptkilnError):
+    """The output path cannot be used: not empty, a file, a directory gptkiln did not write, unwritable."""
 
     exit_code = 6
 

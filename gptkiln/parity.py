@@ -92,6 +92,7 @@ def compare(name: str, ours: list[np.ndarray], ref: list[np.ndarray], valid: np.
     for step, (a, b) in enumerate(zip(ours, ref)):
         keep = valid.astype(bool) if (step == 0 and valid is not None) else np.ones(a.shape[:2], bool)
         diff = np.abs(a.astype(np.float64) - b)[keep]  # [positions, vocab]
+        diff = np.where(np.isfinite(diff), diff, np.inf)  # NaN/inf on either side is an infinite error
         rows = np.nonzero(keep)[0]
         scale = max(scale, float(np.abs(b[keep]).max()))
         if diff.max() > max_abs:
@@ -128,7 +129,9 @@ def run_parity(runner: Runner, reference: Runner, prompts: list[list[int]], sett
     report.comparisons.append(compare("batch1/logits", our_steps, ref_steps))
     for index, (a, b) in enumerate(zip(our_cache, ref_cache)):
         kind = f"present.{index // 2}.{'key' if index % 2 == 0 else 'value'}"
-        report.comparisons.append(compare(f"batch1/{kind}", [flat(a)], [flat(b)], with_top1=False))
+        item = compare(f"batch1/{kind}", [flat(a)], [flat(b)], with_top1=False)
+        item.worst_step = steps  # the cache after the last decode step
+        report.comparisons.append(item)
 
     padded = prompts[: settings.padded_batch]
     ref_steps, tokens, _, valid = forced_run(reference, padded, steps)

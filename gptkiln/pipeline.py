@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptkiln.config import BuildConfig, ParitySettings, Tolerances
-from gptkiln.errors import ExportError, GptkilnError, OutputExistsError, ParityError
+from gptkiln.errors import ArtifactError, ExportError, GptkilnError, OutputError, ParityError, TargetUnavailableError
 from gptkiln.exporter import io_spec
-from gptkiln.manifest import read_manifest, tool_versions, write_manifest
+from gptkiln.manifest import MANIFEST, read_manifest, tool_versions, write_manifest
 from gptkiln.models.loading import LoadedModel, load_model
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.parity import ParityReport, gate, parity_prompts, run_parity
@@ -90,14 +90,15 @@ class BuildResult:
 
 def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     progress = progress or Progress(enabled=False)
+    if not config.targets:
+        raise TargetUnavailableError("no target to build: no target runtime is installed here",
+                                     "pip install onnxruntime, or name a target with --target")
     targets = [get_target(name) for name in config.targets]
     for target in targets:
         target.check_available()
-    output = config.output
+    output = config.output.expanduser().resolve()
     _check_output(output, config.force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    work.chmod(0o755)  # mkdtemp makes it private; the published output is an ordinary directory
+    work = _make_work_dir(output)
     try:
         with progress.stage(f"load {config.model}"):
             loaded = load_model(config.model)
@@ -118,23 +119,25 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
         shutil.rmtree(work / EXPORT_DIR)
         loaded.tokenizer.save_pretrained(work)
         write_manifest(work, _manifest_body(config, result))
-        _publish(work, output)
+        _publish(work, output, config.force)
         return result
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
 
 
-def verify(output: Path, tolerances: Tolerances, settings: ParitySettings,
+def verify(output: Path, tolerances: Tolerances | None, settings: ParitySettings,
            progress: Progress | None = None) -> BuildResult:
-    """Check every file against the manifest, then rerun parity for every target in it."""
+    """Check every file against the manifest, then rerun parity for every target in it
+    (against the tolerances the build was held to, unless others are given)."""
     progress = progress or Progress(enabled=False)
     with progress.stage("check files"):
         manifest = read_manifest(output)
+    tolerances = tolerances or Tolerances(**manifest["tolerances"])
     with progress.stage(f"load {manifest['model']['name']}"):
         loaded = load_model(manifest["model"]["name"])
     if loaded.source["sha256"] != manifest["model"]["sha256"]:
-        raise ParityError(f"the model '{loaded.source['name']}' changed since this output was exported "
+        raise ArtifactError(f"the model '{loaded.source['name']}' changed since this output was exported "
                           f"(sha256 {loaded.source['sha256'][:12]} != {manifest['model']['sha256'][:12]})",
                           "export again from the current model")
     result = BuildResult(output, loaded.source, loaded.spec, manifest["export"])
@@ -169,11 +172,32 @@ def _raise_if_failed(result: BuildResult) -> None:
 
 
 def _check_output(output: Path, force: bool) -> None:
+    """Refuse an output we could lose data in: --force replaces only an earlier gptkiln output."""
     if output.is_file():
-        raise OutputExistsError(f"output '{output}' is a file", "choose a directory path for -o")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise OutputExistsError(f"output directory '{output}' exists and is not empty",
-                                "choose another -o, or pass --force to replace it")
+        raise OutputError(f"output '{output}' is a file", "choose a directory path for -o")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not force:
+        raise OutputError(f"output directory '{output}' exists and is not empty",
+                          "choose another -o, or pass --force to replace an earlier gptkiln output")
+    if output == Path.cwd() or output in Path.cwd().parents:
+        raise OutputError(f"--force would replace '{output}', which holds the current directory",
+                          "choose an output directory below the current one")
+    if not (output / MANIFEST).is_file():
+        raise OutputError(f"'{output}' is not a gptkiln output (no {MANIFEST}); --force replaces only those",
+                          "choose another -o, or empty the directory yourself")
+
+
+def _make_work_dir(output: Path) -> Path:
+    """The hidden sibling the build happens in (same file system, so publishing is a rename)."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write next to '{output}': {exc.strerror}",
+                          "choose an -o location you can write to") from None
+    work.chmod(0o755)  # mkdtemp makes it private; the published output is an ordinary directory
+    return work
 
 
 def _export(loaded: LoadedModel, directory: Path, opset: int) -> dict:
@@ -203,12 +227,20 @@ def _manifest_body(config: BuildConfig, result: BuildResult) -> dict:
     }
 
 
-def _publish(work: Path, output: Path) -> None:
-    """Rename the finished build into place; an old output (with --force) is removed only after."""
+def _publish(work: Path, output: Path, force: bool) -> None:
+    """Rename the finished build into place. An old output (--force) is moved aside first and
+    deleted only after the rename succeeded; if the rename fails it is moved back."""
+    _check_output(output, force)  # the directory may have changed during the build
     old = None
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
         output.rename(old)
-    work.rename(output)
+    try:
+        work.rename(output)
+    except OSError as exc:
+        if old is not None:
+            old.rename(output)
+        raise OutputError(f"cannot move the finished build to '{output}': {exc.strerror}",
+                          "check the permissions of the output location") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -37,3 +37,22 @@ def test_opset20_build_passes_parity_with_every_fusion(tmp_path):
     layers = result.spec.num_layers
     assert counts["attention_with_kv_cache"] == (layers, layers)
     assert counts["fast_gelu"] == (layers, layers) and counts["gelu"] == (layers, layers)
+
+
+def test_sliding_window_model_exports_and_passes_parity(tmp_path):
+    """Qwen2 with a 6-token window on its second layer: the parity prompts (up to 24 tokens
+    plus 16 decode steps) run far past the window, so a wrong window mask would show."""
+    import torch
+    import transformers
+
+    from conftest import TINY_CONFIGS, VOCAB
+
+    _, fields = TINY_CONFIGS["qwen2"]
+    config = transformers.Qwen2Config(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, use_sliding_window=True,
+                                      sliding_window=6, max_window_layers=1, **fields)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    transformers.AutoTokenizer.from_pretrained("gptkiln/models/reference").save_pretrained(tmp_path / "model")
+    result = build(BuildConfig(model=str(tmp_path / "model"), output=tmp_path / "out"))
+    assert result.spec.sliding_window == 6
+    assert result.ok, result.targets[0].failures

@@ -64,13 +64,29 @@ def test_existing_non_empty_output_without_force(tmp_path, capsys, tiny_model_di
     assert not leftovers(tmp_path, "out")
 
 
-def test_force_replaces_an_existing_output(tmp_path, capsys, tiny_model_dir):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("old")
-    code, _, _ = run_cli(capsys, "export", str(tiny_model_dir("gpt2")), "-o", str(tmp_path / "out"), "--force")
-    assert code == 0
-    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "manifest.json").is_file()
+def test_force_replaces_an_earlier_gptkiln_output(tmp_path, capsys, tiny_model_dir):
+    model = str(tiny_model_dir("gpt2"))
+    assert run_cli(capsys, "export", model, "-o", str(tmp_path / "out"))[0] == 0
+    (tmp_path / "out" / "stale.txt").write_text("from an older build")
+    assert run_cli(capsys, "export", model, "-o", str(tmp_path / "out"), "--force")[0] == 0
+    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "manifest.json").is_file()
     assert not leftovers(tmp_path, "out")
+
+
+def test_force_never_replaces_a_directory_gptkiln_did_not_write(tmp_path, capsys, tiny_model_dir):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli(capsys, "export", str(tiny_model_dir("gpt2")), "-o", str(tmp_path / "mine"), "--force")
+    assert code == 6 and "is not a gptkiln output" in err
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+
+
+def test_force_never_replaces_the_current_directory(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    (tmp_path / "manifest.json").write_text("{}")  # even one that looks like an output
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "export", str(tiny_model_dir("gpt2")), "-o", ".", "--force")
+    assert code == 6 and "current directory" in err
+    assert (tmp_path / "manifest.json").is_file()
 
 
 def test_unknown_target(tmp_path, capsys, tiny_model_dir):
@@ -104,6 +120,11 @@ def test_console_script_reports_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-2].startswith("gptkiln: error: model path")
     assert proc.stderr.splitlines()[-1].startswith("  fix: ")
+
+
+@pytest.mark.parametrize("bad", [["--decode-steps", "0"], ["--logits-rel", "0"]])
+def test_bad_tolerance_options(tmp_path, capsys, bad):
+    assert main(["verify", str(tmp_path), *bad]) == 2
 
 
 @pytest.mark.parametrize("argv", [["verify", "{tmp}/missing"], ["generate", "{tmp}/missing", "--prompt", "x"]])

@@ -66,6 +66,7 @@ def test_prefill_with_empty_past_and_decode_with_batch_8(reference_build):
 
     result, output = reference_build
     runner = get_target("onnxruntime").load(output / "onnxruntime", result.spec)
-    prompts = [[5 + i, 17, 42 + i] for i in range(8)]
-    tokens = generate(runner, prompts, GenerationConfig(max_new_tokens=4))
-    assert [len(t) for t in tokens] == [4] * 8
+    prompts = [[5 + i] * (1 + i) for i in range(8)]  # lengths 1..8: seven rows padded
+    config = GenerationConfig(max_new_tokens=4)
+    tokens = generate(runner, prompts, config)
+    assert tokens == [generate(runner, [p], config)[0] for p in prompts]

@@ -64,6 +64,20 @@ def test_eos_stops_only_the_row_that_emitted_it(runner):
     assert stopped[1] == expected_row1
 
 
+def test_prompt_plus_new_tokens_beyond_max_positions_is_a_usage_error(runner):
+    prompt = [[7] * (runner.spec.max_positions - 4)]
+    with pytest.raises(UsageError, match="exceeds the model's 512 positions"):
+        generate(runner, prompt, GenerationConfig(max_new_tokens=5))
+    assert len(generate(runner, prompt, GenerationConfig(max_new_tokens=4))[0]) == 4
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    rng = np.random.default_rng(2)
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    picks = {int(choose_next(logits, GenerationConfig(do_sample=True, top_p=0.75), rng)[0]) for _ in range(300)}
+    assert picks == {0, 1}  # 0.5 + 0.3 reaches 0.75; 0.15 and 0.05 are never drawn
+
+
 @pytest.mark.parametrize("config", [GenerationConfig(max_new_tokens=0),
                                     GenerationConfig(do_sample=True, temperature=0),
                                     GenerationConfig(do_sample=True, top_p=0)])

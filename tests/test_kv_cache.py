@@ -25,13 +25,13 @@ def test_attention_bias_is_causal_padding_aware_and_windowed(past, seq, window):
 
 
 def _native_and_wrapped(model, spec, input_ids, attention_mask):
-    from gptkiln.exporter.kv_cache import KVCacheDecoder, empty_past
+    from gptkiln.exporter.kv_cache import KVCacheDecoder
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    empty = [torch.zeros(input_ids.shape[0], spec.num_kv_heads, 0, spec.head_dim) for _ in range(2 * spec.num_layers)]
     with torch.no_grad():
         native = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        wrapped = KVCacheDecoder(model, spec)(input_ids, attention_mask, position_ids,
-                                              *empty_past(spec, input_ids.shape[0]))[0]
+        wrapped = KVCacheDecoder(model, spec)(input_ids, attention_mask, position_ids, *empty)[0]
     keep = attention_mask.bool()
     return native[keep], wrapped[keep]
 

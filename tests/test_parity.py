@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import onnx_ir as ir
-import pytest
-
 from gptkiln.cli import main
 from gptkiln.config import ParitySettings, Tolerances
 from gptkiln.models.loading import load_model
@@ -46,6 +44,8 @@ def test_verify_passes_on_a_fresh_output_and_refuses_a_tampered_one(reference_bu
     _, output = reference_build
     assert main(["verify", str(output), "--decode-steps", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert main(["verify", str(output), "--decode-steps", "4", "--logits-rel", "1e-12"]) == 9  # a stricter bar
+    assert "batch1/logits" in capsys.readouterr().err
     copy = tmp_path / "copy"
     shutil.copytree(output, copy)
     with open(copy / "onnxruntime" / "model.onnx.data", "r+b") as handle:
@@ -73,7 +73,14 @@ def test_manifest_describes_the_build(reference_build):
     assert set(manifest["files"]) >= {"onnxruntime/model.onnx", "onnxruntime/model.onnx.data", "tokenizer.json"}
 
 
-@pytest.mark.parametrize("bad", [["--decode-steps", "0"], ["--logits-rel", "0"]])
-def test_bad_tolerance_options(reference_build, capsys, bad):
-    _, output = reference_build
-    assert main(["verify", str(output), *bad]) == 2
+def test_nan_in_an_engine_output_fails_the_gate():
+    import numpy as np
+
+    from gptkiln.parity import ParityReport, compare
+
+    ref = [np.ones((1, 3, 8), np.float32)]
+    ours = [ref[0].copy()]
+    ours[0][0, 1, 2] = np.nan
+    item = compare("batch1/present.0.key", ours, ref, with_top1=False)
+    assert item.rel == float("inf") and item.worst_row == 0
+    assert gate(ParityReport([item], []), Tolerances())

@@ -59,7 +59,3 @@ class KVCacheDecoder(nn.Module):
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
-
-def empty_past(spec: DecoderSpec, batch: int, past_len: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
-    shape = (batch, spec.num_kv_heads, past_len, spec.head_dim)
-    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * spec.num_layers)]

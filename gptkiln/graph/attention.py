@@ -53,15 +53,17 @@ class _AttentionWithCache(pattern.RewriteRuleClassBase):
 
     def check(self, context, q, k, v, past_k, scale_q, scale_k, **_):
         result = pattern.MatchResult()
-        for name, value in (("query", q), ("key", k), ("value", v)):
-            if value.shape is not None and value.shape.rank() != 3:
-                return result.fail(f"{name} must be [batch, seq, hidden], got {value.shape}", value)
         if _scalar(scale_q) is None or _scalar(scale_k) is None:
             return result.fail("the query/key scales are not scalar constants", scale_q)
-        if past_k.shape is None or past_k.shape.rank() != 4 or not isinstance(past_k.shape[1], int):
-            return result.fail(f"past key must be [batch, heads, past, head_dim], got {past_k.shape}", past_k)
-        if q.shape is not None and k.shape is not None and q.shape[2] != k.shape[2]:
-            return result.fail("grouped-query attention (fewer key/value heads) is not fused", k)
+        past = past_k.shape
+        if past is None or past.rank() != 4 or not (isinstance(past[1], int) and isinstance(past[3], int)):
+            return result.fail(f"past key must be [batch, heads, past, head_dim], got {past}", past_k)
+        for name, value in (("query", q), ("key", k), ("value", v)):
+            if value.shape is None or value.shape.rank() != 3 or not isinstance(value.shape[2], int):
+                return result.fail(f"{name} must be [batch, seq, hidden] with a known hidden, got {value.shape}", value)
+            if value.shape[2] != past[1] * past[3]:
+                # e.g. grouped-query attention: fewer key/value heads than query heads
+                return result.fail(f"{name} width {value.shape[2]} != heads {past[1]} x head_dim {past[3]}", value)
         return result
 
     def rewrite(self, op, q, k, v, past_k, past_v, bias, out_shape, scale_q, scale_k, **_):

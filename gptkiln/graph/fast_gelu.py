@@ -14,9 +14,16 @@ from gptkiln.graph.fusion import Fusion, per_layer
 from gptkiln.graph.gelu import TANH_GELU_ACTIVATIONS, check_tanh_gelu_constants, tanh_gelu
 
 
-def _check_bias(bias, result: pattern.MatchResult) -> pattern.MatchResult:
-    if result and (bias.const_value is None or bias.shape is None or bias.shape.rank() != 1):
+def _check_bias(y, bias, result: pattern.MatchResult) -> pattern.MatchResult:
+    """FastGelu adds a bias over the last axis only: a constant vector of that width."""
+    if not result:
+        return result
+    if bias.const_value is None or bias.shape is None or bias.shape.rank() != 1:
         return result.fail("the bias is not a constant 1-D tensor", bias)
+    # Add(y, 1-D bias) already broadcasts over the last axis; refuse only a known mismatch
+    # (values made by earlier rewrites carry no inferred shape)
+    if y.shape is not None and y.shape.rank() and y.shape[-1] != bias.shape[0]:
+        return result.fail(f"the bias width {bias.shape[0]} does not match the input {y.shape}", bias)
     return result
 
 
@@ -31,8 +38,8 @@ class BiasFastGeluFromDecomposed(pattern.RewriteRuleClassBase):
     def pattern(self, op, y, bias, half, three, cubic, sqrt_2_over_pi, one):
         return tanh_gelu(op, op.Add(y, bias), half, three, cubic, sqrt_2_over_pi, one)
 
-    def check(self, context, bias, half, three, cubic, sqrt_2_over_pi, one, **_):
-        return _check_bias(bias, check_tanh_gelu_constants(half, three, cubic, sqrt_2_over_pi, one))
+    def check(self, context, y, bias, half, three, cubic, sqrt_2_over_pi, one, **_):
+        return _check_bias(y, bias, check_tanh_gelu_constants(half, three, cubic, sqrt_2_over_pi, one))
 
     def rewrite(self, op, y, bias, **_):
         return op.FastGelu(y, bias, _domain="com.microsoft")
@@ -53,8 +60,8 @@ class BiasFastGeluFromGelu(pattern.RewriteRuleClassBase):
     def pattern(self, op, y, bias):
         return op.Gelu(op.Add(y, bias), _allow_other_attributes=True, _outputs=["gelu"])
 
-    def check(self, context, bias, gelu, **_):
-        return _check_bias(bias, _check_tanh_attribute(gelu))
+    def check(self, context, y, bias, gelu, **_):
+        return _check_bias(y, bias, _check_tanh_attribute(gelu))
 
     def rewrite(self, op, y, bias, **_):
         return op.FastGelu(y, bias, _domain="com.microsoft")

@@ -7,6 +7,7 @@ SkipLayerNormalization's input), which every target's own fusions also prefer.
 
 from __future__ import annotations
 
+import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from gptkiln.graph.fusion import Fusion
@@ -18,8 +19,11 @@ class GemmToMatMul(pattern.RewriteRuleClassBase):
         y = op.Gemm(flat, weight, bias, _allow_other_attributes=True, _outputs=["gemm"])
         return op.Reshape(y, out_shape, _allow_other_attributes=True, _outputs=["out"])
 
-    def check(self, context, x, weight, bias, gemm, out, **_):
+    def check(self, context, x, flat_shape, weight, bias, gemm, out, **_):
         result = pattern.MatchResult()
+        flat = ir.convenience.get_const_tensor(flat_shape)
+        if flat is None or weight.shape is None or list(flat.numpy()) != [-1, weight.shape[0]]:
+            return result.fail("the input is not flattened to [-1, in_features]", flat_shape)
         attrs = gemm.producer().attributes
         if attrs.get_int("transA", 0) or attrs.get_int("transB", 0):
             return result.fail("Gemm transposes an input", gemm.producer())

@@ -30,10 +30,14 @@ class SkipLayerNorm(pattern.RewriteRuleClassBase):
         for name, value in (("input", a), ("skip", b)):
             if value.shape is None or value.shape.rank() != 3:
                 return result.fail(f"{name} must be [batch, seq, hidden], got {value.shape}", value)
-        if a.shape[2] != b.shape[2]:
-            return result.fail("input and skip widths differ", b)
+        for dim_a, dim_b in zip(a.shape, b.shape):
+            # Add broadcasts a size-1 axis; SkipLayerNormalization does not. Symbolic dims that
+            # are spelled differently are equal at run time (the Add would fail otherwise).
+            sizes = [d for d in (dim_a, dim_b) if isinstance(d, int)]
+            if (1 in sizes and dim_a != dim_b) or (len(sizes) == 2 and dim_a != dim_b):
+                return result.fail(f"input {a.shape} and skip {b.shape} would broadcast", b)
         for name, value in (("gamma", gamma), ("beta", beta)):
-            if value.const_value is None or value.shape.rank() != 1:
+            if value.const_value is None or value.shape is None or value.shape.rank() != 1:
                 return result.fail(f"{name} is not a constant 1-D tensor", value)
         return result
 

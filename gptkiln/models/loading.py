@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptkiln.errors import ModelNotFoundError, NotAModelError, UnsupportedModelError
+from gptkiln.manifest import sha256_file
 from gptkiln.models.spec import DecoderSpec, decoder_spec
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
@@ -69,7 +70,7 @@ def _load_directory(path: Path) -> LoadedModel:
     digest = hashlib.sha256()
     for file in [path / "config.json", *weights]:
         digest.update(file.name.encode())
-        digest.update(_sha256_file(file).encode())
+        digest.update(sha256_file(file).encode())
     return LoadedModel(model, tokenizer, spec,
                        {"kind": "local", "name": str(path.resolve()), "sha256": digest.hexdigest()})
 
@@ -83,7 +84,11 @@ def _load_hub(model_id: str) -> LoadedModel:
             "check the id and the network, or download the model and pass its local directory",
         ) from None
     spec = decoder_spec(config)
-    model = _from_pretrained(model_id, config)
+    try:
+        model = _from_pretrained(model_id, config)
+    except OSError as exc:  # weights missing from the repo, download interrupted
+        raise ModelNotFoundError(f"could not fetch the weights of '{model_id}': {str(exc).splitlines()[0]}",
+                                 "check the network, or download the model and pass its local directory") from None
     tokenizer = _load_tokenizer(model_id)
     revision = getattr(config, "_commit_hash", None) or "unknown"
     return LoadedModel(model, tokenizer, spec, {"kind": "hub", "name": model_id, "sha256": revision})
@@ -124,9 +129,9 @@ def _from_pretrained(name: str, config):
 
     try:
         model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
-    except ValueError as exc:  # architecture without a causal-LM head
-        raise UnsupportedModelError(f"'{name}' has no causal-LM head: {str(exc).splitlines()[0]}",
-                                    "export a model class ending in ...ForCausalLM / ...LMHeadModel") from None
+    except (RuntimeError, ValueError) as exc:  # truncated or mismatched weight files
+        raise NotAModelError(f"the weights in '{name}' cannot be loaded: {str(exc).splitlines()[0][:300]}",
+                             "re-save the model with save_pretrained(), or download it again") from None
     return model.eval()
 
 
@@ -143,10 +148,3 @@ def _load_tokenizer(name: str):
     tokenizer.padding_side = "left"
     return tokenizer
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -57,6 +57,11 @@ def left_pad(prompts: list[list[int]], pad_token_id: int) -> Batch:
 def generate(runner: Runner, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
     """Return the new tokens of each prompt (up to and including EOS)."""
     config.validate()
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + config.max_new_tokens > runner.spec.max_positions:
+        raise UsageError(f"a {longest}-token prompt plus {config.max_new_tokens} new tokens exceeds the model's "
+                         f"{runner.spec.max_positions} positions",
+                         "shorten the prompt or lower --max-new-tokens")
     batch = left_pad(prompts, config.pad_token_id)
     rng = np.random.default_rng(config.seed)
     logits, cache = runner.step(batch.input_ids, batch.attention_mask, batch.position_ids,

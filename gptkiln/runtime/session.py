@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptkiln.errors import UsageError
+from gptkiln.errors import ArtifactError, UsageError
 from gptkiln.manifest import read_manifest
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.runtime.generate import GenerationConfig, generate
@@ -33,6 +33,8 @@ def open_output(output: Path, target: str | None = None) -> Session:
 
     manifest = read_manifest(output)
     built = list(manifest["targets"])
+    if not built:
+        raise ArtifactError(f"'{output}' holds no built target", "export again with --target")
     name = target or built[0]
     if name not in built:
         raise UsageError(f"'{output}' has no '{name}' build", f"use one of: {', '.join(built)}")

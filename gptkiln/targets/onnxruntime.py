@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptkiln.errors import ExportError, TargetUnavailableError
+from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
-from gptkiln.exporter.to_onnx import MODEL_FILE
+from gptkiln.exporter.to_onnx import DATA_FILE, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 
@@ -64,7 +64,7 @@ class OnnxRuntimeTarget(Target):
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
         out_dir.mkdir(parents=True, exist_ok=True)
-        ir.save(model, out_dir / MODEL_FILE, external_data=MODEL_FILE + ".data")
+        ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
         try:
             create_session(out_dir / MODEL_FILE)  # fail here, not on the user's device
         except Exception as exc:
@@ -75,4 +75,9 @@ class OnnxRuntimeTarget(Target):
 
     def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
         self.check_available()
-        return OnnxRuntimeRunner(spec, create_session(out_dir / MODEL_FILE))
+        try:
+            session = create_session(out_dir / MODEL_FILE)
+        except Exception as exc:  # ORT raises its own exception types
+            raise ArtifactError(f"ONNX Runtime cannot load '{out_dir / MODEL_FILE}': {str(exc).splitlines()[0][:300]}",
+                                "check the onnxruntime version against the manifest's, or export again") from None
+        return OnnxRuntimeRunner(spec, session)

@@ -18,3 +18,12 @@ def test_a_norm_over_another_axis_is_not_fused(fresh_graph, reference_export):
     norm.attributes["axis"] = ir.AttrInt64("axis", 1)
     count = skip_layer_norm.FUSION.apply(model, spec)
     assert count.short and "not over the last axis" in count.reason
+
+
+def test_a_broadcasting_residual_is_not_fused(fresh_graph, reference_export):
+    model, spec = fresh_graph(), reference_export[1]
+    norm = next(n for n in model.graph if n.op_type == "LayerNormalization")
+    add = norm.inputs[0].producer()
+    add.inputs[1].shape = ir.Shape([add.inputs[1].shape[0], 1, spec.hidden_size])  # [batch, 1, hidden]
+    count = skip_layer_norm.FUSION.apply(model, spec)
+    assert count.short and "would broadcast" in count.reason
