@@ -127,7 +127,7 @@ def run_parity(runner: Runner, reference: Runner, prompts: list[list[int]], sett
     ref_steps, tokens, ref_cache, _ = forced_run(reference, prompts[:1], steps)
     our_steps, _, our_cache, _ = forced_run(runner, prompts[:1], steps, tokens)
     report.comparisons.append(compare("batch1/logits", our_steps, ref_steps))
-    for index, (a, b) in enumerate(zip(our_cache, ref_cache)):
+    for index, (a, b) in enumerate(zip(runner.cache_arrays(our_cache), reference.cache_arrays(ref_cache))):
         kind = f"present.{index // 2}.{'key' if index % 2 == 0 else 'value'}"
         item = compare(f"batch1/{kind}", [flat(a)], [flat(b)], with_top1=False)
         item.worst_step = steps  # the cache after the last decode step

@@ -5,8 +5,11 @@ from __future__ import annotations
 from gptkiln.errors import TargetUnavailableError, UsageError
 from gptkiln.targets.base import Runner, Target
 from gptkiln.targets.onnxruntime import OnnxRuntimeTarget
+from gptkiln.targets.openvino import OpenVinoStatelessTarget, OpenVinoTarget
 
-TARGETS: dict[str, type[Target]] = {target.name: target for target in (OnnxRuntimeTarget,)}
+TARGETS: dict[str, type[Target]] = {
+    target.name: target for target in (OnnxRuntimeTarget, OpenVinoTarget, OpenVinoStatelessTarget)
+}
 
 
 def get_target(name: str) -> Target:

@@ -23,6 +23,10 @@ class Runner(ABC):
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.spec.num_layers)]
 
+    def cache_arrays(self, cache) -> list[np.ndarray]:
+        """The cache as the contract's `present` arrays (runners that keep it internally read it back)."""
+        return cache
+
     @abstractmethod
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:

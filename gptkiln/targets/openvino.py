@@ -1,0 +1,173 @@
+"""OpenVINO (CPU): IR with the KV cache kept inside the model as state (default) or the plain contract.
+
+Stateful: every past_key_values.{i}.* input becomes a ReadValue and present.{i}.* an Assign
+(OpenVINO's make-stateful transformation); a `beam_idx` input gathers the cache rows
+before each step (beam reordering; greedy passes arange(batch)). The state starts as a
+zero-length cache of the request's batch size. The Runner hides all of it: the cache it
+returns is a handle, and `cache_arrays` reads the state back for parity.
+
+Inference precision is pinned to f32 (OpenVINO otherwise picks bf16/f16 on capable CPUs,
+so one build would compute differently on different hosts), and so is the KV-cache
+precision (u8 by default on CPU).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
+from gptkiln.exporter import io_spec
+from gptkiln.models.spec import DecoderSpec
+from gptkiln.targets.base import Runner, Target
+
+IR_FILE = "model.xml"  # weights in model.bin beside it
+BEAM_INPUT = "beam_idx"
+
+
+def _import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise TargetUnavailableError("openvino is not installed", "pip install 'gptkiln[openvino]'") from None
+    return openvino
+
+
+def compile_config() -> dict:
+    return {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "PERFORMANCE_HINT": "LATENCY"}
+
+
+def make_stateful(model, spec: DecoderSpec) -> None:
+    """Move the KV cache into the model as state, with a beam_idx reorder in front of it."""
+    import openvino as ov
+    import openvino.opset13 as opset
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    past = io_spec.past_names(spec.num_layers)
+    batch_dim = model.input("input_ids").get_partial_shape()[0]
+    beam = opset.parameter(ov.PartialShape([batch_dim]), ov.Type.i32, name=BEAM_INPUT)
+    beam.output(0).get_tensor().set_names({BEAM_INPUT})
+    model.add_parameters([beam])
+    for name in past:
+        port = model.input(name)
+        consumers = port.get_target_inputs()
+        reordered = opset.gather(port, beam, opset.constant(0))
+        for consumer in consumers:
+            consumer.replace_source_output(reordered.output(0))
+    model.validate_nodes_and_infer_types()
+    apply_make_stateful_transformation(model, dict(zip(past, io_spec.present_names(spec.num_layers))))
+    # each state starts as an empty cache [batch, kv_heads, 0, head_dim] for the request's batch
+    batch = opset.gather(opset.shape_of(model.input("input_ids"), output_type="i64"),
+                         opset.constant(np.array([0], np.int64)), opset.constant(0))
+    for op in model.get_ops():
+        if op.get_type_name() == "ReadValue":
+            dims = [batch, *(opset.constant(np.array([d], np.int64)) for d in (spec.num_kv_heads, 0, spec.head_dim))]
+            zero = opset.constant(np.array(0.0, np.float32))
+            op.set_arguments([opset.broadcast(zero, opset.concat(dims, 0))])
+    model.validate_nodes_and_infer_types()
+
+
+@dataclass(frozen=True)
+class StateHandle:
+    """The cache of a stateful request: valid only until the next step."""
+
+    generation: int
+    batch: int
+
+
+class StatefulRunner(Runner):
+    def __init__(self, spec: DecoderSpec, compiled):
+        super().__init__(spec)
+        self.request = compiled.create_infer_request()
+        self.generation = 0
+        # state names are input + output name, e.g. "past_key_values.3.keypresent.3.key"
+        order = {name: i for i, name in enumerate(io_spec.past_names(spec.num_layers))}
+        self.state_order = order
+
+    def empty_cache(self, batch: int) -> StateHandle:
+        self.request.reset_state()
+        self.generation += 1
+        return StateHandle(self.generation, batch)
+
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        if not isinstance(cache, StateHandle) or cache.generation != self.generation:
+            raise RuntimeError("a stateful OpenVINO runner continues only from the cache its last step returned")
+        out = self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask,
+                                  "position_ids": position_ids,
+                                  BEAM_INPUT: np.arange(cache.batch, dtype=np.int32)})
+        self.generation += 1
+        return out["logits"].copy(), StateHandle(self.generation, cache.batch)
+
+    def cache_arrays(self, cache) -> list[np.ndarray]:
+        states = {}
+        for state in self.request.query_state():
+            past_name = next(n for n in self.state_order if state.name.startswith(n))
+            states[past_name] = state.state.data.copy()
+        return [states[name] for name in self.state_order]
+
+
+class StatelessRunner(Runner):
+    def __init__(self, spec: DecoderSpec, compiled):
+        super().__init__(spec)
+        self.request = compiled.create_infer_request()
+        self.past_names = io_spec.past_names(spec.num_layers)
+        self.present_names = io_spec.present_names(spec.num_layers)
+
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds.update(zip(self.past_names, cache))
+        out = self.request.infer(feeds)
+        return out["logits"].copy(), [out[name].copy() for name in self.present_names]
+
+
+class OpenVinoTarget(Target):
+    name = "openvino"
+    description = "OpenVINO CPU, KV cache kept as model state"
+    fusion_sets = ("portable",)
+    stateful = True
+
+    def check_available(self) -> None:
+        _import_openvino()
+
+    def compile(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> dict:
+        import onnx_ir as ir
+
+        from gptkiln.graph import optimize
+
+        ov = _import_openvino()
+        model = ir.load(onnx_path)
+        fusion = optimize(model, spec, self.fusion_sets)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            portable = Path(tmp) / "model.onnx"
+            ir.save(model, portable, external_data="model.onnx.data")
+            try:
+                converted = ov.convert_model(str(portable))
+                if self.stateful:
+                    make_stateful(converted, spec)
+            except Exception as exc:
+                raise ExportError(f"compile (openvino): conversion failed: {str(exc).splitlines()[0][:300]}",
+                                  "report this with the model config") from exc
+            ov.save_model(converted, str(out_dir / IR_FILE), compress_to_fp16=False)
+        self.load(out_dir, spec)  # fail here, not on the user's device
+        return {"model": IR_FILE, "stateful": self.stateful, "device": "CPU", "config": compile_config(),
+                "openvino": ov.__version__, "fusion": fusion.to_dict()}
+
+    def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
+        ov = _import_openvino()
+        try:
+            core = ov.Core()
+            compiled = core.compile_model(core.read_model(str(out_dir / IR_FILE)), "CPU", compile_config())
+        except Exception as exc:  # truncated or edited IR: OpenVINO raises RuntimeError with a long trace
+            raise ArtifactError(f"OpenVINO cannot load '{out_dir / IR_FILE}': {str(exc).strip().splitlines()[0][:300]}",
+                                "the IR files are damaged or from another version: export again") from None
+        return StatefulRunner(spec, compiled) if self.stateful else StatelessRunner(spec, compiled)
+
+
+class OpenVinoStatelessTarget(OpenVinoTarget):
+    name = "openvino-stateless"
+    description = "OpenVINO CPU, the plain past/present IO contract"
+    stateful = False

@@ -1,0 +1,90 @@
+"""OpenVINO target: stateful and stateless builds hold the fp32 gate; broken IR and a missing SDK are clear errors."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from gptkiln.config import BuildConfig
+from gptkiln.errors import ArtifactError, TargetUnavailableError
+from gptkiln.pipeline import build
+from gptkiln.targets import get_target
+
+pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'gptkiln[openvino]')")
+
+
+@pytest.fixture(scope="module")
+def openvino_build(tmp_path_factory):
+    output = tmp_path_factory.mktemp("ov") / "reference"
+    return build(BuildConfig(model="reference", output=output, targets=("openvino", "openvino-stateless"))), output
+
+
+def test_stateful_and_stateless_pass_fp32_parity(openvino_build):
+    result, output = openvino_build
+    assert result.ok, [t.failures for t in result.targets]
+    for target in result.targets:
+        cache = [c for c in target.parity.comparisons if "present" in c.name]
+        assert len(cache) == 2 * result.spec.num_layers and max(c.rel for c in cache) < 1e-5
+        assert not [n for n in target.settings["fusion"]["fusions"] if n["fusion_set"] != "portable"]
+    assert {t.name: t.settings["stateful"] for t in result.targets} == {"openvino": True, "openvino-stateless": False}
+
+
+def test_stateful_ir_keeps_the_cache_as_state(openvino_build):
+    import openvino as ov
+
+    result, output = openvino_build
+    model = ov.Core().read_model(str(output / "openvino" / "model.xml"))
+    names = {port.get_any_name() for port in model.inputs}
+    assert names == {"input_ids", "attention_mask", "position_ids", "beam_idx"}
+    assert len(model.get_sinks()) == 2 * result.spec.num_layers  # one Assign per cache tensor
+    stateless = ov.Core().read_model(str(output / "openvino-stateless" / "model.xml"))
+    assert "past_key_values.0.key" in {port.get_any_name() for port in stateless.inputs}
+
+
+def test_a_stale_cache_handle_is_refused(openvino_build):
+    import numpy as np
+
+    result, output = openvino_build
+    runner = get_target("openvino").load(output / "openvino", result.spec)
+    first = runner.empty_cache(1)
+    ids = np.array([[5, 6, 7]], np.int64)
+    runner.step(ids, np.ones((1, 3), np.int64), np.arange(3)[None], first)
+    with pytest.raises(RuntimeError, match="continues only from the cache its last step returned"):
+        runner.step(ids[:, :1], np.ones((1, 4), np.int64), np.array([[3]]), first)
+
+
+def test_truncated_ir_is_an_artifact_error(openvino_build, tmp_path):
+    import shutil
+
+    result, output = openvino_build
+    shutil.copytree(output / "openvino", tmp_path / "ir")
+    weights = tmp_path / "ir" / "model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="OpenVINO cannot load"):
+        get_target("openvino").load(tmp_path / "ir", result.spec)
+
+
+def test_missing_openvino_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(TargetUnavailableError) as info:
+        get_target("openvino").check_available()
+    assert "gptkiln[openvino]" in info.value.fix
+
+
+def test_bare_runtime_example_matches_gptkiln_generation(openvino_build):
+    """examples/openvino_generate.py with torch, transformers and gptkiln made unimportable."""
+    import subprocess
+    from pathlib import Path
+
+    from gptkiln.runtime.generate import GenerationConfig
+    from gptkiln.runtime.session import open_output
+
+    _, output = openvino_build
+    example = Path(__file__).parents[1] / "examples" / "openvino_generate.py"
+    blocked = "import sys, runpy; [sys.modules.__setitem__(m, None) for m in ('torch', 'transformers', 'gptkiln')]"
+    code = f"{blocked}; sys.argv = ['x', {str(output)!r}, 'def main(', '12']; runpy.run_path({str(example)!r}, run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = open_output(output, "openvino").complete(["def main("], GenerationConfig(max_new_tokens=12))[0]
+    assert proc.stdout.rstrip("\n") == "def main(" + expected
