@@ -30,7 +30,7 @@ class FusionCount:
         return self.expected is not None and self.actual < self.expected
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "short": self.short}
 
 
 @dataclass(frozen=True)
