@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from gptkiln.config import BuildConfig, ParitySettings, Tolerances
+from gptkiln.config import (AccuracyBudget, ActivationCalibration, BuildConfig, CalibrationSettings, Int4Method,
+                            ParitySettings, Precision, QuantSettings, Tolerances)
 from gptkiln.errors import GptkilnError, UsageError
 
 
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--target", action="append", dest="targets",
                         help="target to build (repeatable); default: every target available here")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    export.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; int4 raises it to 21)")
+    _add_quantization_options(export)
     export.set_defaults(handler=_export)
 
     verify = commands.add_parser("verify", help="check an output's files and rerun its parity gates")
@@ -83,6 +85,64 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
+    defaults = QuantSettings()
+    group = parser.add_argument_group("quantization (accuracy-gated; see the README)")
+    group.add_argument("--quantize", choices=[p.value for p in Precision], default=Precision.FP32.value,
+                       help="precision of the build (default fp32)")
+    group.add_argument("--calibration", type=Path, help="calibration text: a text file, a .jsonl file or a directory")
+    group.add_argument("--calibration-field", default=defaults.calibration.jsonl_field,
+                       help="JSONL field holding the text (default %(default)s)")
+    group.add_argument("--calibration-samples", type=int, default=defaults.calibration.samples,
+                       help="calibration windows (default %(default)s)")
+    group.add_argument("--calibration-seq-len", type=int, default=defaults.calibration.seq_len,
+                       help="tokens per window; its last 16 run as decode steps (default %(default)s)")
+    group.add_argument("--activations", choices=[m.value for m in ActivationCalibration], default=defaults.activations.value,
+                       help="W8A8 activation range calibration (default %(default)s)")
+    group.add_argument("--percentile", type=float, default=defaults.percentile, help="for --activations percentile")
+    group.add_argument("--smoothquant-alpha", type=float, default=defaults.smoothquant_alpha,
+                       help="SmoothQuant migration strength in [0, 1] (W8A8; default %(default)s)")
+    group.add_argument("--no-smoothquant", action="store_true", help="W8A8 without SmoothQuant")
+    group.add_argument("--int4-method", choices=[m.value for m in Int4Method], default=defaults.int4_method.value,
+                       help="int4 rounding (gptq needs --calibration; default %(default)s)")
+    group.add_argument("--int4-block-size", type=int, default=defaults.int4_block_size, help="default %(default)s")
+    group.add_argument("--int4-symmetric", action="store_true", help="int4 without zero points")
+    group.add_argument("--eval-text", type=Path, help="held-out text for the accuracy gate "
+                                                      "(default: the reference model's held-out split)")
+    group.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens, help="default %(default)s")
+    group.add_argument("--max-ppl-increase", type=float,
+                       help="accuracy budget, percent (default 1.5 for int8, 5 for int4)")
+    group.add_argument("--no-fallback", action="store_true",
+                       help="fail instead of keeping the most sensitive layers in fp32")
+
+
+def _quant_settings(args) -> QuantSettings:
+    precision = Precision(args.quantize)
+    if args.calibration_samples < 1 or args.calibration_seq_len < 32 or args.eval_tokens < 128:
+        raise UsageError("--calibration-samples must be >= 1, --calibration-seq-len >= 32, --eval-tokens >= 128",
+                         "fix the option values")
+    if args.smoothquant_alpha is not None and not 0 <= args.smoothquant_alpha <= 1:
+        raise UsageError(f"--smoothquant-alpha must be in [0, 1], got {args.smoothquant_alpha}", "fix the value")
+    size = args.int4_block_size
+    if size < 16 or size & (size - 1):
+        raise UsageError(f"--int4-block-size must be a power of two >= 16, got {size}", "use 32, 64 or 128")
+    if not 0 < args.percentile <= 100:
+        raise UsageError(f"--percentile must be in (0, 100], got {args.percentile}", "fix the value")
+    budget = None
+    if args.max_ppl_increase is not None:
+        if args.max_ppl_increase <= 0:
+            raise UsageError("--max-ppl-increase must be > 0", "give a percentage, e.g. 1.5")
+        budget = AccuracyBudget(**{**vars(AccuracyBudget.default(precision)), "max_ppl_increase_pct": args.max_ppl_increase})
+    calibration = CalibrationSettings(path=args.calibration, jsonl_field=args.calibration_field,
+                                      samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+    return QuantSettings(calibration=calibration, activations=ActivationCalibration(args.activations),
+                         percentile=args.percentile,
+                         smoothquant_alpha=None if args.no_smoothquant else args.smoothquant_alpha,
+                         int4_method=Int4Method(args.int4_method), int4_block_size=size,
+                         int4_symmetric=args.int4_symmetric, fallback=not args.no_fallback,
+                         eval_text=args.eval_text, eval_tokens=args.eval_tokens, budget=budget)
+
+
 def _tolerances(args) -> tuple[Tolerances | None, ParitySettings]:
     """(None, ...) when --logits-rel was not given: the caller picks its default."""
     if args.decode_steps < 1 or (args.logits_rel is not None and args.logits_rel <= 0):
@@ -93,13 +153,16 @@ def _tolerances(args) -> tuple[Tolerances | None, ParitySettings]:
 
 def _export(args):
     from gptkiln.pipeline import Progress, build
-    from gptkiln.targets import available_targets
+    from gptkiln.targets import available_targets, get_target
 
     if args.opset < 18:
         raise UsageError(f"--opset {args.opset} is too old", "use --opset 18 or newer")
     tolerances, parity = _tolerances(args)
-    config = BuildConfig(model=args.model, output=args.output, targets=tuple(args.targets or available_targets()),
-                         opset=args.opset, force=args.force, tolerances=tolerances or Tolerances(), parity=parity)
+    precision = Precision(args.quantize)
+    targets = args.targets or [t for t in available_targets() if precision in get_target(t).precisions]
+    config = BuildConfig(model=args.model, output=args.output, targets=tuple(targets), precision=precision,
+                         quant=_quant_settings(args), opset=args.opset, force=args.force,
+                         tolerances=tolerances or Tolerances(), parity=parity)
     result = build(config, Progress(enabled=True))
     return result.to_dict(), _summary(result)
 
@@ -125,6 +188,39 @@ def _generate(args):
 
 
 def _summary(result) -> str:
+    rows = _quantized_rows(result) if result.precision.quantized else _fp32_rows(result)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    table.insert(1, "  ".join("-" * width for width in widths))
+    stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.stage_seconds.items())
+    fusions = [f"fusion  {t.name}: {_fusion_line(t.settings['fusion'])}" for t in result.targets]
+    quantized = [f"quant   {_quant_line(result.quantization)}"] if result.quantization else []
+    return (f"model   {result.model['name']} ({result.spec.model_type}, {result.spec.num_layers} layers)\n"
+            f"output  {result.output}\nstages  {stages}\n" + "\n".join(quantized + fusions) + "\n\n" + "\n".join(table))
+
+
+def _quantized_rows(result) -> list[tuple]:
+    rows = [("target", "precision", "perplexity fp32 -> ours", "increase", "top-1 vs fp32", "pad vs unpad top-1",
+             "result")]
+    for target in result.targets:
+        accuracy = target.accuracy
+        padded = min(c.top1_agreement for c in target.parity.comparisons if c.name.startswith("padded_vs"))
+        rows.append((target.name, result.precision.value, f"{accuracy.ppl_reference:.3f} -> {accuracy.ppl:.3f}",
+                     f"{accuracy.ppl_increase_pct:+.2f}%", f"{accuracy.top1_agreement:.1%}", f"{padded:.1%}",
+                     "PASS" if not target.failures else "FAIL"))
+    return rows
+
+
+def _quant_line(quantization: dict) -> str:
+    kept = ", ".join(quantization["kept_fp32"]) or "none"
+    smoothed = len(quantization["smoothing"])
+    method = quantization["method"]
+    details = ", ".join(f"{k} {v}" for k, v in method.items())
+    return (f"{quantization['layers_quantized']}/{quantization['layers_total']} linear layers quantized "
+            f"({details}); kept in fp32: {kept}" + (f"; SmoothQuant on {smoothed} activations" if smoothed else ""))
+
+
+def _fp32_rows(result) -> list[tuple]:
     rows = [("target", "logits rel (b1)", "padded rel", "pad vs unpad", "top-1", "greedy", "result")]
     for target in result.targets:
         by_name = {c.name: c for c in target.parity.comparisons}
@@ -133,13 +229,7 @@ def _summary(result) -> str:
         rows.append((target.name, f"{by_name['batch1/logits'].rel:.2e}", f"{by_name['padded/logits'].rel:.2e}",
                      f"{unpadded:.2e}", f"{by_name['batch1/logits'].top1_agreement:.1%}", greedy,
                      "PASS" if not target.failures else "FAIL"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    table.insert(1, "  ".join("-" * width for width in widths))
-    stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.stage_seconds.items())
-    fusions = [f"fusion  {t.name}: {_fusion_line(t.settings['fusion'])}" for t in result.targets]
-    return (f"model   {result.model['name']} ({result.spec.model_type}, {result.spec.num_layers} layers)\n"
-            f"output  {result.output}\nstages  {stages}\n" + "\n".join(fusions) + "\n\n" + "\n".join(table))
+    return rows
 
 
 def _fusion_line(fusion: dict) -> str:

@@ -9,6 +9,25 @@ from pathlib import Path
 
 class Precision(str, enum.Enum):
     FP32 = "fp32"
+    W8A8 = "w8a8"  # static: int8 weights (per channel) and activations (per tensor, calibrated)
+    INT8_DYNAMIC = "int8-dynamic"  # int8 weights; activations quantized at run time
+    INT4 = "int4"  # weight-only, block-wise; activations stay fp32
+
+    @property
+    def quantized(self) -> bool:
+        return self is not Precision.FP32
+
+
+
+class ActivationCalibration(str, enum.Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"  # KL divergence between the fp32 and the quantized histogram
+
+
+class Int4Method(str, enum.Enum):
+    RTN = "rtn"  # round to nearest, per block
+    GPTQ = "gptq"  # Hessian-aware rounding from calibration activations
 
 
 @dataclass(frozen=True)
@@ -26,6 +45,58 @@ class Tolerances:
 
 
 @dataclass(frozen=True)
+class AccuracyBudget:
+    """The gate of a quantized build (docs/DESIGN.md, fidelity bars): perplexity on held-out text
+    and top-1 agreement with fp32 PyTorch, both over the same evaluation tokens."""
+
+    max_ppl_increase_pct: float
+    min_top1_agreement: float
+    # padded row vs the same prompt alone: a batch row must not change another's tokens
+    min_padded_top1_agreement: float = 0.99
+
+    @classmethod
+    def default(cls, precision: Precision) -> "AccuracyBudget":
+        if precision is Precision.INT4:
+            return cls(max_ppl_increase_pct=5.0, min_top1_agreement=0.0)  # DESIGN.md: perplexity only
+        return cls(max_ppl_increase_pct=1.5, min_top1_agreement=0.95)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Where calibration text comes from and how it is cut: `samples` windows of `seq_len` tokens;
+    the last `decode_steps` tokens of each run one at a time against the KV cache."""
+
+    path: Path | None = None
+    jsonl_field: str = "text"
+    samples: int = 64
+    seq_len: int = 128
+    decode_steps: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    activations: ActivationCalibration = ActivationCalibration.PERCENTILE
+    percentile: float = 99.99
+    smoothquant_alpha: float | None = 0.5  # None: no SmoothQuant (W8A8 only)
+    int4_method: Int4Method = Int4Method.RTN
+    int4_block_size: int = 32
+    int4_symmetric: bool = False
+    fallback: bool = True  # keep the most sensitive layers in fp32 until the budget holds
+    eval_text: Path | None = None  # default: the reference model's held-out text
+    eval_tokens: int = 8192
+    budget: AccuracyBudget | None = None  # None: AccuracyBudget.default(precision)
+
+    def budget_for(self, precision: Precision) -> AccuracyBudget:
+        return self.budget or AccuracyBudget.default(precision)
+
+    @property
+    def smoothquant(self) -> bool:
+        return self.smoothquant_alpha is not None
+
+
+@dataclass(frozen=True)
 class ParitySettings:
     """What parity runs: prompts are drawn from the model's tokenizer, so they are real text."""
 
@@ -40,6 +111,7 @@ class BuildConfig:
     output: Path
     targets: tuple[str, ...] = ("onnxruntime",)
     precision: Precision = Precision.FP32
+    quant: QuantSettings = field(default_factory=QuantSettings)
     opset: int = 18
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)

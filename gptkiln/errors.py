@@ -74,3 +74,9 @@ class ArtifactError(GptkilnError):
     """An existing output directory is missing files or was modified."""
 
     exit_code = 10
+
+
+class CalibrationError(GptkilnError):
+    """Calibration or evaluation data cannot be used: missing, empty, binary, not UTF-8, too short."""
+
+    exit_code = 11

@@ -16,16 +16,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptkiln.config import BuildConfig, ParitySettings, Tolerances
-from gptkiln.errors import ArtifactError, ExportError, GptkilnError, OutputError, ParityError, TargetUnavailableError
+from gptkiln.calibration.perplexity import AccuracyReport, Evaluation, accuracy_failures
+from gptkiln.config import (AccuracyBudget, BuildConfig, Int4Method, ParitySettings, Precision, QuantSettings,
+                            Tolerances)
+from gptkiln.errors import (ArtifactError, ExportError, GptkilnError, OutputError, ParityError, TargetUnavailableError,
+                            UsageError)
 from gptkiln.exporter import io_spec
+from gptkiln.exporter.to_onnx import MODEL_FILE
 from gptkiln.manifest import MANIFEST, read_manifest, tool_versions, write_manifest
 from gptkiln.models.loading import LoadedModel, load_model
 from gptkiln.models.spec import DecoderSpec
-from gptkiln.parity import ParityReport, gate, parity_prompts, run_parity
-from gptkiln.targets import get_target
+from gptkiln.parity import ParityReport, consistency_gate, gate, parity_prompts, run_parity
+from gptkiln.targets import Target, get_target
 
 EXPORT_DIR = "_export"  # inside the build directory; removed before publishing
+QUANT_DIR = "_quantize"  # likewise: the prepared, smoothed and trial graphs
+INT4_MIN_OPSET = 21  # blocked DequantizeLinear
 
 
 class Progress:
@@ -63,9 +69,11 @@ class TargetResult:
     settings: dict
     parity: ParityReport
     failures: list[str]
+    accuracy: AccuracyReport | None = None  # quantized builds: perplexity and top-1 against fp32
 
     def to_dict(self) -> dict:
         return {"settings": self.settings, "parity": self.parity.to_dict(),
+                "accuracy": self.accuracy.to_dict() if self.accuracy else None,
                 "passed": not self.failures, "failures": self.failures}
 
 
@@ -75,6 +83,8 @@ class BuildResult:
     model: dict
     spec: DecoderSpec
     export: dict
+    precision: Precision = Precision.FP32
+    quantization: dict | None = None  # QuantResult.to_dict(): method, kept layers, trials
     targets: list[TargetResult] = field(default_factory=list)
     stage_seconds: dict = field(default_factory=dict)
 
@@ -84,8 +94,8 @@ class BuildResult:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "output": str(self.output), "model": self.model, "spec": self.spec.to_dict(),
-                "export": self.export, "targets": {t.name: t.to_dict() for t in self.targets},
-                "stage_seconds": self.stage_seconds}
+                "export": self.export, "precision": self.precision.value, "quantization": self.quantization,
+                "targets": {t.name: t.to_dict() for t in self.targets}, "stage_seconds": self.stage_seconds}
 
 
 def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
@@ -96,27 +106,42 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     targets = [get_target(name) for name in config.targets]
     for target in targets:
         target.check_available()
+        _check_precision(target, config.precision)
+    _check_quant_inputs(config)
     output = config.output.expanduser().resolve()
     _check_output(output, config.force)
     work = _make_work_dir(output)
     try:
         with progress.stage(f"load {config.model}"):
             loaded = load_model(config.model)
+        opset = max(config.opset, INT4_MIN_OPSET) if config.precision is Precision.INT4 else config.opset
         with progress.stage("export to ONNX"):
-            exported = _export(loaded, work / EXPORT_DIR, config.opset)
-        result = BuildResult(output, loaded.source, loaded.spec, exported)
+            exported = _export(loaded, work / EXPORT_DIR, opset)
+        result = BuildResult(output, loaded.source, loaded.spec, exported, config.precision)
         reference = _reference_runner(loaded)
+        compile_input, evaluation = work / EXPORT_DIR / MODEL_FILE, None
+        if config.precision.quantized:
+            with progress.stage("score the fp32 model on the evaluation text"):
+                evaluation = Evaluation.prepare(loaded, config.quant.eval_text, config.quant.eval_tokens)
+            with progress.stage(f"quantize {config.precision.value}"):
+                quantized = _quantize(loaded, compile_input, work / QUANT_DIR, config, evaluation, progress)
+            result.quantization = quantized.to_dict()
+            compile_input = quantized.path
+        budget = config.quant.budget_for(config.precision)
         for target in targets:
             with progress.stage(f"compile {target.name}"):
-                settings = target.compile(work / EXPORT_DIR / "model.onnx", work / target.name, loaded.spec)
+                settings = target.compile(compile_input, work / target.name, loaded.spec)
             _warn_short_fusions(progress, target.name, settings["fusion"])
             with progress.stage(f"parity {target.name}"):
-                report = run_parity(target.load(work / target.name, loaded.spec), reference,
-                                    parity_prompts(loaded.tokenizer), config.parity)
-            result.targets.append(TargetResult(target.name, settings, report, gate(report, config.tolerances)))
+                runner = target.load(work / target.name, loaded.spec)
+                report = run_parity(runner, reference, parity_prompts(loaded.tokenizer), config.parity)
+                accuracy = evaluation.measure(runner) if evaluation else None
+            failures = _gate(config.precision, report, accuracy, config.tolerances, budget)
+            result.targets.append(TargetResult(target.name, settings, report, failures, accuracy))
         result.stage_seconds = progress.seconds
         _raise_if_failed(result)
         shutil.rmtree(work / EXPORT_DIR)
+        shutil.rmtree(work / QUANT_DIR, ignore_errors=True)
         loaded.tokenizer.save_pretrained(work)
         write_manifest(work, _manifest_body(config, result))
         _publish(work, output, config.force)
@@ -134,24 +159,91 @@ def verify(output: Path, tolerances: Tolerances | None, settings: ParitySettings
     with progress.stage("check files"):
         manifest = read_manifest(output)
     tolerances = tolerances or Tolerances(**manifest["tolerances"])
+    precision = Precision(manifest["precision"])
+    quantization = manifest.get("quantization")
     with progress.stage(f"load {manifest['model']['name']}"):
         loaded = load_model(manifest["model"]["name"])
     if loaded.source["sha256"] != manifest["model"]["sha256"]:
         raise ArtifactError(f"the model '{loaded.source['name']}' changed since this output was exported "
                           f"(sha256 {loaded.source['sha256'][:12]} != {manifest['model']['sha256'][:12]})",
                           "export again from the current model")
-    result = BuildResult(output, loaded.source, loaded.spec, manifest["export"])
+    result = BuildResult(output, loaded.source, loaded.spec, manifest["export"], precision, quantization)
     reference = _reference_runner(loaded)
+    evaluation, budget = None, None
+    if precision.quantized:
+        budget = AccuracyBudget(**manifest["budget"])
+        with progress.stage("score the fp32 model on the evaluation text"):
+            scored = quantization["accuracy"]  # the same text and windows the build was held to
+            evaluation = Evaluation.prepare(loaded, Path(scored["text"]), scored["tokens"])
     for name in manifest["targets"]:
         target = get_target(name)
         with progress.stage(f"parity {name}"):
-            report = run_parity(target.load(output / name, loaded.spec), reference,
-                                parity_prompts(loaded.tokenizer), settings)
+            runner = target.load(output / name, loaded.spec)
+            report = run_parity(runner, reference, parity_prompts(loaded.tokenizer), settings)
+            accuracy = evaluation.measure(runner) if evaluation else None
         result.targets.append(TargetResult(name, manifest["targets"][name]["settings"], report,
-                                           gate(report, tolerances)))
+                                           _gate(precision, report, accuracy, tolerances, budget), accuracy))
     result.stage_seconds = progress.seconds
     _raise_if_failed(result)
     return result
+
+
+def _gate(precision: Precision, report: ParityReport, accuracy: AccuracyReport | None, tolerances: Tolerances,
+          budget: AccuracyBudget | None) -> list[str]:
+    """fp32: the parity bars. Quantized: the accuracy budget, and padded rows that keep their tokens."""
+    if not precision.quantized:
+        return gate(report, tolerances)
+    return accuracy_failures(accuracy, budget) + consistency_gate(report, budget.min_padded_top1_agreement)
+
+
+def _check_precision(target: Target, precision: Precision) -> None:
+    if precision not in target.precisions:
+        raise UsageError(f"target '{target.name}' cannot run {precision.value} builds",
+                         f"use --quantize {' or '.join(p.value for p in target.precisions)} for it, "
+                         f"or build {precision.value} for another target")
+
+
+def needs_calibration(precision: Precision, quant: QuantSettings) -> bool:
+    return precision is Precision.W8A8 or (precision is Precision.INT4 and quant.int4_method is Int4Method.GPTQ)
+
+
+def _check_quant_inputs(config: BuildConfig) -> None:
+    """Refuse a quantized build that cannot be calibrated or evaluated before any work is done."""
+    from gptkiln.calibration.data import read_texts
+
+    quant = config.quant
+    if not config.precision.quantized:
+        return
+    if needs_calibration(config.precision, quant):
+        if quant.calibration.path is None:
+            what = "W8A8 (static activation scales)" if config.precision is Precision.W8A8 else "int4 with GPTQ"
+            raise UsageError(f"{what} needs calibration text and none was given",
+                             "pass --calibration PATH (a text file, a JSONL file or a directory of text files)"
+                             + ("; or --int4-method rtn, which needs none" if config.precision is Precision.INT4 else "")
+                             + "; gptkiln never calibrates on random tokens")
+        read_texts(quant.calibration.path, quant.calibration.jsonl_field)
+    if quant.eval_text is not None:
+        read_texts(quant.eval_text)
+
+
+def _quantize(loaded: LoadedModel, exported: Path, directory: Path, config: BuildConfig, evaluation: Evaluation,
+              progress: Progress):
+    """The exported graph, prepared and quantized; the targets' fusions run on the result."""
+    from gptkiln.calibration.data import load_calibration
+    from gptkiln.calibration.quantize import prepare, quantize
+    from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
+
+    prepared = directory / "prepared" / MODEL_FILE
+    prepare(exported, prepared, loaded.spec)
+    quant = config.quant
+    calibration = (load_calibration(quant.calibration, loaded.tokenizer)
+                   if needs_calibration(config.precision, quant) else None)
+
+    def evaluate(path: Path) -> AccuracyReport:  # trials run on ONNX Runtime CPU; every target is gated itself
+        return evaluation.measure(OnnxRuntimeRunner(loaded.spec, create_session(path)))
+
+    return quantize(prepared, directory, config.precision, quant, loaded.spec, calibration, evaluate,
+                    quant.budget_for(config.precision), progress.say)
 
 
 def _warn_short_fusions(progress: Progress, target: str, fusion: dict) -> None:
@@ -165,7 +257,8 @@ def _warn_short_fusions(progress: Progress, target: str, fusion: dict) -> None:
 def _raise_if_failed(result: BuildResult) -> None:
     failures = [f"{t.name} {line}" for t in result.targets for line in t.failures]
     if failures:
-        error = ParityError(f"parity failed ({len(failures)} check(s)):\n    " + "\n    ".join(failures),
+        error = ParityError(f"{'accuracy' if result.precision.quantized else 'parity'} gate failed "
+                            f"({len(failures)} check(s)):\n    " + "\n    ".join(failures),
                             "do not ship this build; --json output has the full report")
         error.details = result.to_dict()
         raise error
@@ -220,6 +313,8 @@ def _manifest_body(config: BuildConfig, result: BuildResult) -> dict:
         "spec": result.spec.to_dict(),
         "io_contract": io_spec.contract(result.spec),
         "precision": config.precision.value,
+        "quantization": result.quantization,
+        "budget": vars(config.quant.budget_for(config.precision)) if config.precision.quantized else None,
         "export": result.export,
         "targets": {t.name: t.to_dict() for t in result.targets},
         "tolerances": vars(config.tolerances),

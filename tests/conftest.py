@@ -86,3 +86,32 @@ def fresh_graph(reference_export):
     import onnx_ir as ir
 
     return lambda: ir.load(reference_export[0])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Calibration statistics are cached on disk: keep the suite's cache out of the user's."""
+    os.environ["GPTKILN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def calibration_text(tmp_path_factory):
+    """Real Python source (the reference model's domain) from this interpreter's standard library,
+    apart from the held-out text the accuracy gate scores on."""
+    stdlib = Path(os.__file__).parent
+    names = ("argparse.py", "typing.py", "inspect.py", "dataclasses.py", "pathlib.py", "subprocess.py")
+    path = tmp_path_factory.mktemp("calibration") / "stdlib.txt"
+    path.write_text("\n\n".join((stdlib / name).read_text(encoding="utf-8") for name in names), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_reference(tmp_path_factory, reference_export):
+    """The reference export as quantization sees it (cleaned, linear layers as MatMul): (path, LoadedModel)."""
+    from gptkiln.calibration.quantize import prepare
+    from gptkiln.models.loading import load_model
+
+    loaded = load_model("reference")
+    path = tmp_path_factory.mktemp("prepared") / "model.onnx"
+    prepare(reference_export[0], path, loaded.spec)
+    return path, loaded

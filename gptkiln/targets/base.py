@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptkiln.config import Precision
 from gptkiln.models.spec import DecoderSpec
 
 
@@ -37,6 +38,7 @@ class Target(ABC):
     name: str
     description: str
     fusion_sets: tuple[str, ...]  # which gptkiln.graph fusion sets this runtime can run
+    precisions: tuple[Precision, ...] = (Precision.FP32,)  # the graphs it can compile and run
 
     @abstractmethod
     def check_available(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gptkiln.config import Precision
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
 from gptkiln.exporter.to_onnx import DATA_FILE, MODEL_FILE
@@ -48,6 +49,7 @@ class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     description = "ONNX Runtime (CPU; CUDA when onnxruntime-gpu sees a GPU)"
     fusion_sets = ("portable", "onnxruntime")
+    precisions = tuple(Precision)
 
     def check_available(self) -> None:
         try:

@@ -1,0 +1,84 @@
+"""The layers quantization works on: MatMuls with a constant weight, found in the ONNX graph
+(so every family is covered the same way), grouped by transformer block for the
+mixed-precision fallback.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+BLOCK_INDEX = re.compile(r"(?:^|[./_])(?:h|layers|layer|blocks|block)[./_](\d+)[./_]")
+
+
+@dataclass
+class LinearLayer:
+    node: ir.Node  # MatMul(activation, weight)
+    activation: ir.Value  # [..., K]
+    weight_name: str  # the initializer the weight comes from
+    transposed: bool  # the weight is Transpose(initializer): a tied lm_head
+
+    @property
+    def name(self) -> str:
+        return self.weight_name
+
+    @property
+    def group(self) -> str:
+        """'block N' for a transformer block's layers, else the weight's own name (e.g. the lm_head)."""
+        match = BLOCK_INDEX.search(self.weight_name)
+        return f"block {int(match.group(1))}" if match else self.weight_name
+
+    def weight(self) -> np.ndarray:
+        """[K, N] float32, as the MatMul sees it."""
+        source = self.node.inputs[1]
+        if self.transposed:
+            source = source.producer().inputs[0]
+        value = source.const_value.numpy().astype(np.float32)
+        return value.T if self.transposed else value
+
+
+def linear_layers(model: ir.Model) -> list[LinearLayer]:
+    """Every MatMul whose second input is a 2-D initializer (or a Transpose of one) and whose
+    first input is a float activation: the linear layers, lm_head included."""
+    layers = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        activation, weight = node.inputs
+        transposed = False
+        producer = weight.producer()
+        if producer is not None and producer.op_type == "Transpose" and producer.inputs[0].const_value is not None:
+            perm = producer.attributes.get_ints("perm", [1, 0])
+            if list(perm) != [1, 0]:
+                continue
+            weight, transposed = producer.inputs[0], True
+        if weight.const_value is None or len(weight.const_value.shape) != 2 or activation.const_value is not None:
+            continue
+        layers.append(LinearLayer(node, activation, weight.name, transposed))
+    return layers
+
+
+def initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer under a name not yet used in the graph."""
+    taken = model.graph.initializers
+    unique, suffix = name, 1
+    while unique in taken:
+        unique, suffix = f"{name}_{suffix}", suffix + 1
+    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=unique))
+    model.graph.register_initializer(value)
+    return value
+
+
+def replace_weight(model: ir.Model, layer: LinearLayer, array: np.ndarray) -> None:
+    """Give the layer a new [K, N] fp32 weight. A tied weight (Transpose) gets its own copy,
+    so the embedding that shares it is left alone."""
+    if layer.transposed:
+        layer.node.replace_input_with(1, initializer(model, f"{layer.weight_name}.T", array.astype(np.float32)))
+        layer.transposed = False  # weight_name stays: it names the layer
+        return
+    value = layer.node.inputs[1]
+    value.const_value = ir.tensor(array.astype(np.float32), name=value.name)

@@ -1,0 +1,112 @@
+"""The accuracy of a quantized build: perplexity on held-out text and top-1 agreement with the
+fp32 PyTorch model, over the same windows of tokens, through any Runner."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptkiln.calibration.data import read_texts, token_stream
+from gptkiln.config import AccuracyBudget
+from gptkiln.errors import CalibrationError
+from gptkiln.models.loading import REFERENCE_DIR
+from gptkiln.targets.base import Runner
+
+DEFAULT_EVAL_TEXT = REFERENCE_DIR / "heldout.txt"
+WINDOW = 128  # tokens per evaluation window (each scored from an empty cache)
+BATCH = 8
+
+
+@dataclass
+class Scores:
+    nll: float  # mean negative log-likelihood of the next token
+    top1: np.ndarray  # [windows, WINDOW - 1] argmax predictions
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll))
+
+
+@dataclass
+class AccuracyReport:
+    text: str
+    tokens: int
+    ppl_reference: float
+    ppl: float
+    top1_agreement: float
+
+    @property
+    def ppl_increase_pct(self) -> float:
+        return 100.0 * (self.ppl / self.ppl_reference - 1.0)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ppl_increase_pct": self.ppl_increase_pct}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AccuracyReport":
+        return cls(**{k: v for k, v in data.items() if k != "ppl_increase_pct"})
+
+
+def eval_windows(tokenizer, path: Path | None, max_tokens: int) -> tuple[np.ndarray, str]:
+    """[windows, WINDOW] token ids from the start of the evaluation text (deterministic)."""
+    path = Path(path) if path is not None else DEFAULT_EVAL_TEXT
+    stream = token_stream(read_texts(path), tokenizer)[:max_tokens]
+    count = len(stream) // WINDOW
+    if count < 1:
+        raise CalibrationError(f"evaluation text '{path}' has {len(stream)} tokens, fewer than one window of {WINDOW}",
+                               "give a longer --eval-text")
+    return stream[: count * WINDOW].reshape(count, WINDOW), str(path)
+
+
+def score(runner: Runner, windows: np.ndarray) -> Scores:
+    nll_sum, count, top1 = 0.0, 0, []
+    for start in range(0, len(windows), BATCH):
+        ids = windows[start : start + BATCH]
+        batch, length = ids.shape
+        positions = np.broadcast_to(np.arange(length), ids.shape).copy()
+        logits, _ = runner.step(ids, np.ones_like(ids), positions, runner.empty_cache(batch))
+        logits = logits[:, :-1].astype(np.float64)
+        log_norm = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+        nll_sum += float((log_norm - target).sum())
+        count += target.size
+        top1.append(logits.argmax(-1))
+    return Scores(nll_sum / count, np.concatenate(top1))
+
+
+def compare(ours: Scores, reference: Scores, text: str) -> AccuracyReport:
+    return AccuracyReport(text, int(reference.top1.size + len(reference.top1)), reference.perplexity,
+                          ours.perplexity, float((ours.top1 == reference.top1).mean()))
+
+
+@dataclass
+class Evaluation:
+    """The evaluation windows and the fp32 PyTorch scores on them, computed once per build."""
+
+    windows: np.ndarray
+    text: str
+    reference: Scores
+
+    @classmethod
+    def prepare(cls, loaded, eval_text: Path | None, eval_tokens: int) -> "Evaluation":
+        from gptkiln.runtime.torch_runner import TorchRunner
+
+        windows, text = eval_windows(loaded.tokenizer, eval_text, eval_tokens)
+        return cls(windows, text, score(TorchRunner(loaded.model, loaded.spec), windows))
+
+    def measure(self, runner: Runner) -> AccuracyReport:
+        return compare(score(runner, self.windows), self.reference, self.text)
+
+
+def accuracy_failures(report: AccuracyReport, budget: AccuracyBudget) -> list[str]:
+    failures = []
+    if report.ppl_increase_pct > budget.max_ppl_increase_pct:
+        failures.append(f"accuracy: perplexity {report.ppl:.3f} vs fp32 {report.ppl_reference:.3f} "
+                        f"(+{report.ppl_increase_pct:.2f}%, limit +{budget.max_ppl_increase_pct:g}%) on {report.tokens} "
+                        f"tokens of {report.text}")
+    if report.top1_agreement < budget.min_top1_agreement:
+        failures.append(f"accuracy: top-1 agreement with fp32 {report.top1_agreement:.2%} "
+                        f"(limit {budget.min_top1_agreement:.0%})")
+    return failures

@@ -1,0 +1,129 @@
+"""The quantization methods on their own: SmoothQuant keeps the function, thresholds follow their
+definitions, int4 codes dequantize in ONNX Runtime as in numpy, GPTQ beats round-to-nearest."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from gptkiln.calibration.data import calibration_set, read_texts
+from gptkiln.calibration.layers import linear_layers, replace_weight
+from gptkiln.calibration.outliers import plant_outliers
+from gptkiln.calibration.qdq import activation_threshold
+from gptkiln.calibration.smoothquant import smooth
+from gptkiln.calibration.statistics import HIST_BINS, ActivationStats, collect
+from gptkiln.calibration.weight_only import Int4Format, quantize_gptq, quantize_int4, quantize_rtn
+from gptkiln.config import ActivationCalibration, CalibrationSettings
+from gptkiln.exporter.to_onnx import DATA_FILE
+from gptkiln.models.loading import load_model
+from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
+
+SETTINGS = CalibrationSettings(samples=8, seq_len=64, decode_steps=8)
+
+
+@pytest.fixture(scope="module")
+def calibration(calibration_text, prepared_reference):
+    return calibration_set(read_texts(calibration_text), prepared_reference[1].tokenizer, SETTINGS, "stdlib")
+
+
+def logits(path, spec, ids):
+    runner = OnnxRuntimeRunner(spec, create_session(path))
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+    return runner.step(ids, np.ones_like(ids), positions, runner.empty_cache(len(ids)))[0]
+
+
+def test_smoothquant_keeps_the_function_and_evens_out_channels(tmp_path, prepared_reference, calibration):
+    path, loaded = prepared_reference
+    model = ir.load(path)
+    layers = linear_layers(model)
+    stats = collect(path, [layer.activation.name for layer in layers], calibration, loaded.spec)
+    absmax = dict(stats.absmax)
+    report = smooth(model, layers, absmax, alpha=0.5)
+    assert len(report) == 2 * loaded.spec.num_layers  # ln_1 -> c_attn and ln_2 -> c_fc in every block
+    for layer in layers:  # alpha 0.5 balances each input channel: max |x_j| == max |w_j,:|
+        if any(layer.activation.name == s.activation for s in report):
+            np.testing.assert_allclose(absmax[layer.activation.name], np.abs(layer.weight()).max(axis=1), rtol=1e-4)
+    smoothed = tmp_path / "model.onnx"
+    ir.save(model, smoothed, external_data=DATA_FILE)
+    ids = calibration.windows[:2]
+    before, after = logits(path, loaded.spec, ids), logits(smoothed, loaded.spec, ids)
+    assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
+    measured = collect(smoothed, [s.activation for s in report], calibration, loaded.spec)
+    for s in report:  # the statistics smooth() predicts are the ones the smoothed graph shows
+        assert measured.tensor_absmax(s.activation) == pytest.approx(s.absmax_after, rel=1e-3)
+
+
+def test_planted_outliers_keep_the_function():
+    loaded = load_model("reference")
+    ids = torch.randint(0, loaded.spec.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = loaded.model(ids).logits
+        plant_outliers(loaded.model, [5, 77, 140], 40.0)
+        after = loaded.model(ids).logits
+        ln = loaded.model.transformer.h[0].ln_1(loaded.model.transformer.wte(ids))
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max() * 10
+    channel_max = ln.abs().amax(dim=(0, 1))
+    assert channel_max[[5, 77, 140]].min() > 10 * channel_max.median()
+
+
+def test_thresholds_follow_their_definitions():
+    rng = np.random.default_rng(0)
+    values = np.abs(rng.standard_normal(200_000))
+    values[:20] = 40.0  # a few outliers set the max
+    top = values.max()
+    bins = np.minimum((values * HIST_BINS / top).astype(int), HIST_BINS - 1)
+    stats = ActivationStats(absmax={"x": np.array([top])}, histograms={"x": np.bincount(bins, minlength=HIST_BINS)})
+    assert activation_threshold(stats, "x", ActivationCalibration.MINMAX, 0) == top
+    p999 = activation_threshold(stats, "x", ActivationCalibration.PERCENTILE, 99.9)
+    assert p999 == pytest.approx(np.percentile(values, 99.9), abs=top / HIST_BINS * 2)
+    entropy = activation_threshold(stats, "x", ActivationCalibration.ENTROPY, 0)
+    assert 2.0 < entropy < top / 2  # clips the 20 outliers, keeps the body of the distribution
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_blocks_dequantize_in_onnxruntime_as_in_numpy(tmp_path, prepared_reference, symmetric):
+    path, loaded = prepared_reference
+    model = ir.load(path)
+    model.opset_imports[""] = 21
+    fmt = Int4Format(32, symmetric)
+    layers = linear_layers(model)
+    expected = {}
+    for layer in layers:
+        codes, scales, zeros = quantize_rtn(layer.weight(), fmt)
+        expected[layer.name] = (codes - np.repeat(zeros, 32, axis=0)) * np.repeat(scales, 32, axis=0)
+    assert quantize_int4(model, layers, fmt) == []
+    int4 = tmp_path / "model.onnx"
+    ir.save(model, int4, external_data=DATA_FILE)
+    # the same graph with the numpy dequantized weights in fp32
+    reference = ir.load(path)
+    for layer in linear_layers(reference):
+        replace_weight(reference, layer, expected[layer.name].astype(np.float32))
+    dequantized = tmp_path / "reference" / "model.onnx"
+    dequantized.parent.mkdir()
+    ir.save(reference, dequantized, external_data=DATA_FILE)
+    ids = np.arange(1, 33, dtype=np.int64)[None]
+    ours, want = logits(int4, loaded.spec, ids), logits(dequantized, loaded.spec, ids)
+    # ORT runs int4 as MatMulNBits with int8 activations per block (its default accuracy level)
+    assert np.abs(ours - want).max() <= 0.02 * np.abs(want).max()
+    code_types = {v.const_value.dtype for v in model.graph.initializers.values() if v.name.endswith(".int4")}
+    assert code_types == {ir.DataType.INT4 if symmetric else ir.DataType.UINT4}
+
+
+def test_gptq_has_lower_output_error_than_rtn(prepared_reference, calibration):
+    path, loaded = prepared_reference
+    layers = linear_layers(ir.load(path))
+    stats = collect(path, [layer.activation.name for layer in layers], calibration, loaded.spec, hessians=True)
+    fmt = Int4Format(32, symmetric=False)
+    wins = 0
+    for layer in layers:
+        weight, hessian = layer.weight().astype(np.float64), stats.hessians[layer.activation.name]
+
+        def output_error(result):
+            codes, scales, zeros = result
+            delta = (codes - np.repeat(zeros, 32, axis=0)) * np.repeat(scales, 32, axis=0) - weight
+            return float(np.einsum("kn,kj,jn->", delta, hessian, delta))  # sum over calibration rows of |x·ΔW|²
+
+        wins += output_error(quantize_gptq(weight, hessian, fmt)) < output_error(quantize_rtn(weight, fmt))
+    assert wins == len(layers)
