@@ -97,6 +97,8 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
                        help="calibration windows (default %(default)s)")
     group.add_argument("--calibration-seq-len", type=int, default=defaults.calibration.seq_len,
                        help="tokens per window; its last 16 run as decode steps (default %(default)s)")
+    group.add_argument("--calibration-seed", type=int, default=defaults.calibration.seed,
+                       help="which windows are drawn (default %(default)s)")
     group.add_argument("--activations", choices=[m.value for m in ActivationCalibration], default=defaults.activations.value,
                        help="W8A8 activation range calibration (default %(default)s)")
     group.add_argument("--percentile", type=float, default=defaults.percentile, help="for --activations percentile")
@@ -134,7 +136,8 @@ def _quant_settings(args) -> QuantSettings:
             raise UsageError("--max-ppl-increase must be > 0", "give a percentage, e.g. 1.5")
         budget = AccuracyBudget(**{**vars(AccuracyBudget.default(precision)), "max_ppl_increase_pct": args.max_ppl_increase})
     calibration = CalibrationSettings(path=args.calibration, jsonl_field=args.calibration_field,
-                                      samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+                                      samples=args.calibration_samples, seq_len=args.calibration_seq_len,
+                                      seed=args.calibration_seed)
     return QuantSettings(calibration=calibration, activations=ActivationCalibration(args.activations),
                          percentile=args.percentile,
                          smoothquant_alpha=None if args.no_smoothquant else args.smoothquant_alpha,
