@@ -52,6 +52,7 @@ class QuantResult:
     calibration: dict | None = None
     statistics_cached: bool = False
     trials: list[Trial] = field(default_factory=list)
+    sensitivity: dict[str, float] = field(default_factory=dict)  # group -> perplexity increase with it alone in fp32
 
     @property
     def accuracy(self) -> AccuracyReport:
@@ -62,7 +63,8 @@ class QuantResult:
                 "layers_total": self.layers_total, "kept_fp32": self.kept_fp32,
                 "not_quantizable": self.not_quantizable, "smoothing": [s.to_dict() for s in self.smoothing],
                 "calibration": self.calibration, "statistics_cached": self.statistics_cached,
-                "accuracy": self.accuracy.to_dict(), "trials": [t.to_dict() for t in self.trials]}
+                "accuracy": self.accuracy.to_dict(), "trials": [t.to_dict() for t in self.trials],
+                "sensitivity": self.sensitivity}
 
 
 def method_description(precision: Precision, settings: QuantSettings) -> dict:
@@ -141,15 +143,14 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         path, quantized, total, not_quantizable = build(set(kept))
         trial = Trial(list(kept), evaluate(path))
         say(f"    {'all layers' if not kept else 'fp32: ' + ', '.join(kept)}: perplexity "
-            f"{trial.accuracy.ppl:.3f} (+{trial.accuracy.ppl_increase_pct:.2f}%), top-1 {trial.accuracy.top1_agreement:.2%}")
+            f"{trial.accuracy.ppl:.3f} ({trial.accuracy.ppl_increase_pct:+.2f}%), top-1 {trial.accuracy.top1_agreement:.2%}")
         return path, trial, quantized, total, not_quantizable
 
     path, trial, quantized, total, not_quantizable = attempt([])
-    trials, kept = [trial], []
+    trials, kept, sensitivity = [trial], [], {}
     if accuracy_failures(trial.accuracy, budget) and settings.fallback:
         groups = list(dict.fromkeys(layer.group for layer in linear_layers(ir.load(base))))
         say(f"    over budget: measuring the sensitivity of {len(groups)} layer groups")
-        sensitivity = {}
         for group in groups:
             sensitivity[group] = attempt([group])
         ranked = sorted(groups, key=lambda g: sensitivity[g][1].accuracy.ppl)
@@ -163,4 +164,5 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         if directory != path.parent:
             shutil.rmtree(directory)
     return QuantResult(path, precision, method_description(precision, settings), quantized, total, kept,
-                       not_quantizable, smoothing, calibration.source if calibration else None, cached, trials)
+                       not_quantizable, smoothing, calibration.source if calibration else None, cached, trials,
+                       {g: round(s[1].accuracy.ppl_increase_pct, 4) for g, s in sensitivity.items()})

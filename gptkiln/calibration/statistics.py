@@ -63,7 +63,7 @@ def collect(model_path: Path, names: list[str], calibration: CalibrationSet, spe
     }).encode()).hexdigest()
     path = cache_root() / "calibration" / f"{key}.npz"
     if path.is_file():
-        stats = _load(path, names)
+        stats = _load(path)
         stats.cached = True
         return stats
     stats = ActivationStats()
@@ -157,7 +157,7 @@ def _save(path: Path, stats: ActivationStats) -> None:
     os.replace(partial, path)
 
 
-def _load(path: Path, names: list[str]) -> ActivationStats:
+def _load(path: Path) -> ActivationStats:
     stats = ActivationStats()
     with np.load(path) as data:
         stats.rows = int(data["rows"])
