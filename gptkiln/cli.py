@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--target", action="append", dest="targets",
                         help="target to build (repeatable); default: every target available here")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    export.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; int4 raises it to 21)")
+    export.add_argument("--opset", type=int, default=BuildConfig.opset,
+                        help="ONNX opset (>= 18; default %(default)s; int4 raises it to 21)")
     _add_quantization_options(export)
     export.set_defaults(handler=_export)
 

@@ -80,7 +80,7 @@ class QuantSettings:
     activations: ActivationCalibration = ActivationCalibration.PERCENTILE
     percentile: float = 99.99
     smoothquant_alpha: float | None = 0.5  # None: no SmoothQuant (W8A8 only)
-    int4_method: Int4Method = Int4Method.RTN
+    int4_method: Int4Method = Int4Method.GPTQ  # measured: +0.46% vs RTN +1.52% perplexity on the reference
     int4_block_size: int = 32
     int4_symmetric: bool = False
     fallback: bool = True  # keep the most sensitive layers in fp32 until the budget holds
@@ -112,7 +112,7 @@ class BuildConfig:
     targets: tuple[str, ...] = ("onnxruntime",)
     precision: Precision = Precision.FP32
     quant: QuantSettings = field(default_factory=QuantSettings)
-    opset: int = 18
+    opset: int = 23  # ONNX Attention: one op per layer that ORT and OpenVINO (SDPA + KV cache) run fused
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)
     parity: ParitySettings = field(default_factory=ParitySettings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from gptkiln.config import BuildConfig
 from gptkiln.exporter import io_spec
 
 MODEL = "onnxruntime/model.onnx"
@@ -36,7 +37,8 @@ def test_one_straight_line_graph_at_the_requested_opset(reference_build):
     model = load_graph(output)
     ops = {node.op_type for node in model.graph.node}
     assert not ops & {"If", "Loop", "Scan"}
-    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {BuildConfig.opset}
+    assert sum(node.op_type == "Attention" for node in model.graph.node) == 4  # opset 23: one per layer
 
 
 def test_weights_live_in_external_data_and_tied_embeddings_stay_one_tensor(reference_build):

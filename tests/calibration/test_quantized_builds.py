@@ -56,7 +56,7 @@ def test_w8a8_with_smoothquant_passes_on_every_cpu_target(w8a8_build):
         assert accuracy["tokens"] == 8192
     graph = onnx.load(str(output / "onnxruntime" / "model.onnx"), load_external_data=False)
     ops = {node.op_type for node in graph.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "MultiHeadAttention"} <= ops
+    assert {"QuantizeLinear", "DequantizeLinear", "Attention", "SkipLayerNormalization"} <= ops
 
 
 def test_verify_reruns_the_accuracy_gate(w8a8_build):
@@ -95,16 +95,10 @@ def test_fallback_keeps_the_block_with_outliers_in_fp32(tmp_path, calibration_te
     assert read_manifest(tmp_path / "out")["quantization"]["kept_fp32"] == ["block 2"]
 
 
-@pytest.mark.parametrize("precision, changes", [
-    (Precision.INT4, {"int4_method": "gptq"}),
-    (Precision.INT8_DYNAMIC, {}),
-])
-def test_weight_int4_and_dynamic_int8_pass(tmp_path, calibration_text, precision, changes):
-    from gptkiln.config import Int4Method
-
-    changes = {k: Int4Method(v) for k, v in changes.items()}
+@pytest.mark.parametrize("precision", [Precision.INT4, Precision.INT8_DYNAMIC])
+def test_weight_int4_and_dynamic_int8_pass(tmp_path, calibration_text, precision):
     result = build(BuildConfig(model="reference", output=tmp_path / "out", precision=precision,
-                               quant=quant(calibration_text, **changes)))
+                               quant=quant(calibration_text)))  # int4: GPTQ, the default
     target = result.targets[0]
     assert target.accuracy.ppl_increase_pct <= (5.0 if precision is Precision.INT4 else 1.5)
     padded = [c.top1_agreement for c in target.parity.comparisons if c.name.startswith("padded_vs")]
@@ -127,8 +121,8 @@ def test_refusals_before_any_work(tmp_path, capsys, calibration_text):
     out = str(tmp_path / "out")
     code, err = run_cli(capsys, "export", "reference", "-o", out, "--quantize", "w8a8")
     assert code == 2 and "needs calibration text" in err and "never calibrates on random tokens" in err
-    code, err = run_cli(capsys, "export", "reference", "-o", out, "--quantize", "int4", "--int4-method", "gptq")
-    assert code == 2 and "--int4-method rtn" in err
+    code, err = run_cli(capsys, "export", "reference", "-o", out, "--quantize", "int4")  # GPTQ by default
+    assert code == 2 and "int4 with GPTQ needs calibration text" in err and "--int4-method rtn" in err
     code, err = run_cli(capsys, "export", "reference", "-o", out, "--quantize", "int8-dynamic", "--target", "openvino")
     assert code == 2 and "cannot run int8-dynamic" in err
     (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 4)
