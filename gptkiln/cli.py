@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from gptkiln.config import (AccuracyBudget, ActivationCalibration, BuildConfig, CalibrationSettings, Int4Method,
-                            ParitySettings, Precision, QuantSettings, Tolerances)
+                            ParitySettings, Precision, QuantSettings, RuntimeSettings, Tolerances)
 from gptkiln.errors import GptkilnError, UsageError
 
 
@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     export.add_argument("--opset", type=int, default=BuildConfig.opset,
                         help="ONNX opset (>= 18; default %(default)s; int4 raises it to 21)")
+    export.add_argument("--threads", type=int, default=0,
+                        help="threads the engine runs with, saved with it (default 0: every core)")
+    export.add_argument("--performance-hint", choices=["latency", "throughput"], default="latency",
+                        help="OpenVINO performance hint (default latency)")
     _add_quantization_options(export)
     export.set_defaults(handler=_export)
 
@@ -159,6 +163,8 @@ def _export(args):
     from gptkiln.pipeline import Progress, build
     from gptkiln.targets import available_targets, get_target
 
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}", "pass a thread count, or 0 for every core")
     if args.opset < 18:
         raise UsageError(f"--opset {args.opset} is too old", "use --opset 18 or newer")
     tolerances, parity = _tolerances(args)
@@ -166,6 +172,7 @@ def _export(args):
     targets = args.targets or [t for t in available_targets() if precision in get_target(t).precisions]
     config = BuildConfig(model=args.model, output=args.output, targets=tuple(targets), precision=precision,
                          quant=_quant_settings(args), opset=args.opset, force=args.force,
+                         runtime=RuntimeSettings(threads=args.threads, performance_hint=args.performance_hint.upper()),
                          tolerances=tolerances or Tolerances(), parity=parity)
     result = build(config, Progress(enabled=True))
     return result.to_dict(), _summary(result)

@@ -106,12 +106,22 @@ class ParitySettings:
 
 
 @dataclass(frozen=True)
+class RuntimeSettings:
+    """How the target runtime runs the engine. Saved beside the engine (runtime_config.json) and
+    used wherever it is loaded: parity, generate, a bare-runtime consumer."""
+
+    threads: int = 0  # 0: the runtime's default (every core)
+    performance_hint: str = "LATENCY"  # OpenVINO: LATENCY (one request, decode) or THROUGHPUT
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     model: str
     output: Path
     targets: tuple[str, ...] = ("onnxruntime",)
     precision: Precision = Precision.FP32
     quant: QuantSettings = field(default_factory=QuantSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     opset: int = 23  # ONNX Attention: one op per layer that ORT and OpenVINO (SDPA + KV cache) run fused
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)

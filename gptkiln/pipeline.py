@@ -103,7 +103,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     if not config.targets:
         raise TargetUnavailableError("no target to build: no target runtime is installed here",
                                      "pip install onnxruntime, or name a target with --target")
-    targets = [get_target(name) for name in config.targets]
+    targets = [get_target(name, config.runtime) for name in config.targets]
     for target in targets:
         target.check_available()
         _check_precision(target, config.precision)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gptkiln.config import BuildConfig
+from gptkiln.config import BuildConfig, RuntimeSettings
 from gptkiln.errors import ArtifactError, TargetUnavailableError
 from gptkiln.pipeline import build
 from gptkiln.targets import get_target
@@ -17,7 +17,9 @@ pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '
 @pytest.fixture(scope="module")
 def openvino_build(tmp_path_factory):
     output = tmp_path_factory.mktemp("ov") / "reference"
-    return build(BuildConfig(model="reference", output=output, targets=("openvino", "openvino-stateless"))), output
+    config = BuildConfig(model="reference", output=output, targets=("openvino", "openvino-stateless"),
+                         runtime=RuntimeSettings(threads=1))
+    return build(config), output
 
 
 def test_stateful_and_stateless_pass_fp32_parity(openvino_build):
@@ -88,3 +90,17 @@ def test_bare_runtime_example_matches_gptkiln_generation(openvino_build):
     assert proc.returncode == 0, proc.stderr
     expected = open_output(output, "openvino").complete(["def main("], GenerationConfig(max_new_tokens=12))[0]
     assert proc.stdout.rstrip("\n") == "def main(" + expected
+
+
+def test_engine_runs_with_its_saved_runtime_config_and_fused_attention(openvino_build):
+    """--threads/--performance-hint travel with the engine; the opset-23 Attention becomes OpenVINO's
+    SDPA with the KV cache inside it (the stateful fast path)."""
+    result, output = openvino_build
+    runner = get_target("openvino").load(output / "openvino", result.spec)  # no runtime settings passed
+    compiled = runner.request.get_compiled_model()
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert "float32" in str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    assert result.targets[0].settings["config"]["INFERENCE_NUM_THREADS"] == 1
+    kinds = [op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()]
+    assert kinds.count("ScaledDotProductAttention") == result.spec.num_layers
+    assert kinds.count("MemoryInput") == 2 * result.spec.num_layers  # the cache is state read by SDPA

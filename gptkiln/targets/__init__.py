@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gptkiln.config import RuntimeSettings
 from gptkiln.errors import TargetUnavailableError, UsageError
 from gptkiln.targets.base import Runner, Target
 from gptkiln.targets.onnxruntime import OnnxRuntimeTarget
@@ -12,10 +13,10 @@ TARGETS: dict[str, type[Target]] = {
 }
 
 
-def get_target(name: str) -> Target:
+def get_target(name: str, runtime: RuntimeSettings | None = None) -> Target:
     if name not in TARGETS:
         raise UsageError(f"unknown target '{name}'", f"use one of: {', '.join(TARGETS)}")
-    return TARGETS[name]()
+    return TARGETS[name](runtime)
 
 
 def available_targets() -> list[str]:

@@ -7,13 +7,17 @@ only pass it back, so a target may keep its cache internally.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
-from gptkiln.config import Precision
+from gptkiln.config import Precision, RuntimeSettings
 from gptkiln.models.spec import DecoderSpec
+
+
+RUNTIME_CONFIG = "runtime_config.json"  # beside the engine files
 
 
 class Runner(ABC):
@@ -39,6 +43,18 @@ class Target(ABC):
     description: str
     fusion_sets: tuple[str, ...]  # which gptkiln.graph fusion sets this runtime can run
     precisions: tuple[Precision, ...] = (Precision.FP32,)  # the graphs it can compile and run
+
+    def __init__(self, runtime: RuntimeSettings | None = None):
+        self.runtime = runtime or RuntimeSettings()
+
+    def save_runtime_config(self, out_dir: Path, config: dict) -> None:
+        (out_dir / RUNTIME_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+    @staticmethod
+    def read_runtime_config(out_dir: Path, default: dict) -> dict:
+        """The config the engine was built and proven with (older outputs have none: the default)."""
+        path = out_dir / RUNTIME_CONFIG
+        return json.loads(path.read_text()) if path.is_file() else default
 
     @abstractmethod
     def check_available(self) -> None:

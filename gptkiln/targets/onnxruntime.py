@@ -23,10 +23,11 @@ def providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def create_session(model_path: Path):
+def create_session(model_path: Path, threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: ORT's default (every core)
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVEL)
     options.log_severity_level = 3
     return ort.InferenceSession(str(model_path), options, providers=providers())
@@ -67,18 +68,21 @@ class OnnxRuntimeTarget(Target):
         fusion = optimize(model, spec, self.fusion_sets)
         out_dir.mkdir(parents=True, exist_ok=True)
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
+        self.save_runtime_config(out_dir, {"intra_op_num_threads": self.runtime.threads})
         try:
-            create_session(out_dir / MODEL_FILE)  # fail here, not on the user's device
+            create_session(out_dir / MODEL_FILE, self.runtime.threads)  # fail here, not on the user's device
         except Exception as exc:
             raise ExportError(f"compile (onnxruntime): the session cannot be created: {exc}",
                               "report this with the model config; the exported graph is invalid for ORT") from exc
         return {"model": MODEL_FILE, "graph_optimization_level": OPTIMIZATION_LEVEL,
-                "providers": providers(), "onnxruntime": ort.__version__, "fusion": fusion.to_dict()}
+                "providers": providers(), "onnxruntime": ort.__version__,
+                "intra_op_num_threads": self.runtime.threads, "fusion": fusion.to_dict()}
 
     def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
         self.check_available()
         try:
-            session = create_session(out_dir / MODEL_FILE)
+            threads = self.read_runtime_config(out_dir, {"intra_op_num_threads": 0})["intra_op_num_threads"]
+            session = create_session(out_dir / MODEL_FILE, threads)
         except Exception as exc:  # ORT raises its own exception types
             raise ArtifactError(f"ONNX Runtime cannot load '{out_dir / MODEL_FILE}': {str(exc).splitlines()[0][:300]}",
                                 "check the onnxruntime version against the manifest's, or export again") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptkiln.config import Precision
+from gptkiln.config import Precision, RuntimeSettings
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
 from gptkiln.models.spec import DecoderSpec
@@ -37,8 +37,12 @@ def _import_openvino():
     return openvino
 
 
-def compile_config() -> dict:
-    return {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "PERFORMANCE_HINT": "LATENCY"}
+def compile_config(runtime: RuntimeSettings | None = None) -> dict:
+    runtime = runtime or RuntimeSettings()
+    config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "PERFORMANCE_HINT": runtime.performance_hint}
+    if runtime.threads:
+        config["INFERENCE_NUM_THREADS"] = runtime.threads
+    return config
 
 
 def make_stateful(model, spec: DecoderSpec) -> None:
@@ -156,15 +160,17 @@ class OpenVinoTarget(Target):
                 raise ExportError(f"compile (openvino): conversion failed: {str(exc).splitlines()[0][:300]}",
                                   "report this with the model config") from exc
             ov.save_model(converted, str(out_dir / IR_FILE), compress_to_fp16=False)
+        self.save_runtime_config(out_dir, compile_config(self.runtime))
         self.load(out_dir, spec)  # fail here, not on the user's device
-        return {"model": IR_FILE, "stateful": self.stateful, "device": "CPU", "config": compile_config(),
+        return {"model": IR_FILE, "stateful": self.stateful, "device": "CPU", "config": compile_config(self.runtime),
                 "openvino": ov.__version__, "fusion": fusion.to_dict()}
 
     def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
         ov = _import_openvino()
         try:
             core = ov.Core()
-            compiled = core.compile_model(core.read_model(str(out_dir / IR_FILE)), "CPU", compile_config())
+            config = self.read_runtime_config(out_dir, compile_config())
+            compiled = core.compile_model(core.read_model(str(out_dir / IR_FILE)), "CPU", config)
         except Exception as exc:  # truncated or edited IR: OpenVINO raises RuntimeError with a long trace
             raise ArtifactError(f"OpenVINO cannot load '{out_dir / IR_FILE}': {str(exc).strip().splitlines()[0][:300]}",
                                 "the IR files are damaged or from another version: export again") from None
