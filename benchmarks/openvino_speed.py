@@ -1,16 +1,17 @@
 """OpenVINO CPU: gptkiln's IRs against optimum-intel's export of the same weights and PyTorch eager.
 
-    python benchmarks/openvino_speed.py --gptkiln DIR --optimum DIR [--new-tokens 128] [--repeats 3]
+    python benchmarks/openvino_speed.py --model HF_DIR --gptkiln DIR --optimum DIR [--rounds 2]
 
---gptkiln: a `gptkiln export preset:gpt2 --target openvino` output per precision, as
-  DIR/{fp32,int8,int4} (each holding openvino/model.xml);
---optimum: `optimum-cli export openvino` outputs of the same weights as DIR/{fp32,int8,int4}
-  (openvino_model.xml); optimum-intel needs transformers < 5.6, so it runs in its own venv
-  (benchmarks/RESULTS.md has the commands).
+--model: the Hugging Face directory both exports came from (PyTorch eager runs it);
+--gptkiln: one subdirectory per variant, each a gptkiln OpenVINO engine (DIR/<name>/openvino/model.xml);
+--optimum: one subdirectory per variant of `optimum-cli export openvino` output
+  (DIR/<name>/openvino_model.xml); optimum-intel needs transformers < 5.6, so it runs in its
+  own venv (benchmarks/RESULTS.md has the commands).
 
-Every variant runs in a fresh child process (so peak RSS is its own): prefill batch 1 x 128
-tokens (median of --repeats), then decode --new-tokens greedy tokens on the KV cache at batch
-1 and 8 (median step time; tok/s = batch / step). All OpenVINO variants get the same compile
+Every variant runs in a fresh child process (so peak RSS is its own), --rounds times,
+interleaved (the machine is noisy; the table shows the median over rounds): prefill batch 1 x
+128 tokens (median of --repeats), then decode --new-tokens greedy tokens on the KV cache at
+batch 1 and 8 (median step time; tok/s = batch / step). All OpenVINO variants get the same compile
 config: f32 inference and KV-cache precision (gptkiln's parity setting; optimum's IRs would
 otherwise pick an f16/u8 cache from their rt_info or the plugin default), LATENCY hint, the
 same thread count. Writes benchmarks/results/openvino_speed.json and prints a Markdown table.
@@ -59,42 +60,51 @@ def measure(runner, vocab: int, new_tokens: int, repeats: int) -> dict:
     return result
 
 
-def child(kind: str, path: str, threads: int, new_tokens: int, repeats: int) -> dict:
-    from gptkiln.models.loading import load_model
+def child(kind: str, path: str, model_dir: str, threads: int, new_tokens: int, repeats: int) -> dict:
+    from transformers import AutoConfig
 
-    loaded = load_model("preset:gpt2")
+    from gptkiln.models.spec import decoder_spec
+
+    spec = decoder_spec(AutoConfig.from_pretrained(model_dir))
     if kind == "torch":
         import torch
+        from transformers import AutoModelForCausalLM
 
         from gptkiln.runtime.torch_runner import TorchRunner
 
         torch.set_num_threads(threads)
-        runner, size = TorchRunner(loaded.model, loaded.spec), None
+        runner, size = TorchRunner(AutoModelForCausalLM.from_pretrained(model_dir).eval(), spec), None
     else:
         import openvino as ov
 
+        from gptkiln.config import RuntimeSettings
         from gptkiln.targets.openvino import StatefulRunner, compile_config
 
-        del loaded.model  # the IR is all this process needs
-        config = {**compile_config(), "INFERENCE_NUM_THREADS": threads}
         xml = Path(path)
-        compiled = ov.Core().compile_model(str(xml), "CPU", config)
-        runner = StatefulRunner(loaded.spec, compiled)
+        compiled = ov.Core().compile_model(str(xml), "CPU", compile_config(RuntimeSettings(threads=threads)))
+        runner = StatefulRunner(spec, compiled)
         size = xml.with_suffix(".bin").stat().st_size / 1e6
-    numbers = measure(runner, loaded.spec.vocab_size, new_tokens, repeats)
+    numbers = measure(runner, spec.vocab_size, new_tokens, repeats)
     return {"ir_mb": size, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **numbers}
 
 
 def variants(args) -> dict[str, tuple[str, str]]:
     found = {"pytorch eager fp32": ("torch", "")}
-    for precision in ("fp32", "int8", "int4"):
-        ours = Path(args.gptkiln) / precision / "openvino" / "model.xml"
-        theirs = Path(args.optimum) / precision / "openvino_model.xml"
-        if ours.is_file():
-            found[f"gptkiln {precision}"] = ("openvino", str(ours))
-        if theirs.is_file():
-            found[f"optimum-intel {precision}"] = ("openvino", str(theirs))
+    for name in sorted(p.name for p in Path(args.gptkiln).iterdir()):
+        found[f"gptkiln {name}"] = ("openvino", str(Path(args.gptkiln) / name / "openvino" / "model.xml"))
+    for name in sorted(p.name for p in Path(args.optimum).iterdir()):
+        found[f"optimum-intel {name}"] = ("openvino", str(Path(args.optimum) / name / "openvino_model.xml"))
     return found
+
+
+def median_over_rounds(rounds: list[dict]) -> dict:
+    """Per field, the median over rounds (nested dicts of numbers)."""
+    first = rounds[0]
+    if isinstance(first, dict):
+        return {key: median_over_rounds([r[key] for r in rounds]) for key in first}
+    if isinstance(first, list):
+        return [statistics.median(values) for values in zip(*rounds)]
+    return None if first is None else statistics.median(rounds)
 
 
 def table(results: dict, eager: float) -> str:
@@ -110,26 +120,30 @@ def table(results: dict, eager: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
     parser.add_argument("--gptkiln", required=True)
     parser.add_argument("--optimum", required=True)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.threads, args.new_tokens, args.repeats)))
+        print(json.dumps(child(*args.child, args.model, args.threads, args.new_tokens, args.repeats)))
         return
-    results = {}
-    for name, (kind, path) in variants(args).items():
-        print(f"{name} ...", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, "--gptkiln", args.gptkiln, "--optimum", args.optimum,
-                              "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-                              "--repeats", str(args.repeats), "--child", kind, path],
-                             check=True, capture_output=True, text=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
+    rounds: dict[str, list[dict]] = {}
+    for round_index in range(args.rounds):
+        for name, (kind, path) in variants(args).items():
+            print(f"round {round_index + 1}: {name} ...", file=sys.stderr, flush=True)
+            out = subprocess.run([sys.executable, __file__, "--model", args.model, "--gptkiln", args.gptkiln,
+                                  "--optimum", args.optimum, "--threads", str(args.threads),
+                                  "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                                  "--child", kind, path], check=True, capture_output=True, text=True).stdout
+            rounds.setdefault(name, []).append(json.loads(out.strip().splitlines()[-1]))
+    results = {name: median_over_rounds(runs) for name, runs in rounds.items()}
     eager = results["pytorch eager fp32"]["b1"]["decode_tokens_per_s"]
-    record = {"threads": args.threads, "new_tokens": args.new_tokens, "results": results}
+    record = {"threads": args.threads, "new_tokens": args.new_tokens, "rounds": rounds, "results": results}
     (HERE / "results" / "openvino_speed.json").write_text(json.dumps(record, indent=2) + "\n")
     print(table(results, eager))
 
