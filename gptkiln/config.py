@@ -18,7 +18,6 @@ class Precision(str, enum.Enum):
         return self is not Precision.FP32
 
 
-
 class ActivationCalibration(str, enum.Enum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
@@ -90,10 +89,6 @@ class QuantSettings:
 
     def budget_for(self, precision: Precision) -> AccuracyBudget:
         return self.budget or AccuracyBudget.default(precision)
-
-    @property
-    def smoothquant(self) -> bool:
-        return self.smoothquant_alpha is not None
 
 
 @dataclass(frozen=True)
