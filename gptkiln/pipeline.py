@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptkiln.calibration.perplexity import AccuracyReport, Evaluation, accuracy_failures
+from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation, accuracy_failures
 from gptkiln.config import (AccuracyBudget, BuildConfig, Int4Method, ParitySettings, Precision, QuantSettings,
                             Tolerances)
 from gptkiln.errors import (ArtifactError, ExportError, GptkilnError, OutputError, ParityError, TargetUnavailableError,
@@ -107,7 +107,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     for target in targets:
         target.check_available()
         _check_precision(target, config.precision)
-    _check_quant_inputs(config)
+    inputs = _read_quant_inputs(config)
     output = config.output.expanduser().resolve()
     _check_output(output, config.force)
     work = _make_work_dir(output)
@@ -122,9 +122,9 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
         compile_input, evaluation = work / EXPORT_DIR / MODEL_FILE, None
         if config.precision.quantized:
             with progress.stage("score the fp32 model on the evaluation text"):
-                evaluation = Evaluation.prepare(loaded, config.quant.eval_text, config.quant.eval_tokens)
+                evaluation = Evaluation.prepare(loaded, inputs.eval_text, config.quant.eval_tokens)
             with progress.stage(f"quantize {config.precision.value}"):
-                quantized = _quantize(loaded, compile_input, work / QUANT_DIR, config, evaluation, progress)
+                quantized = _quantize(loaded, compile_input, work / QUANT_DIR, config, inputs, evaluation, progress)
             result.quantization = quantized.to_dict()
             compile_input = quantized.path
         budget = config.quant.budget_for(config.precision)
@@ -174,7 +174,7 @@ def verify(output: Path, tolerances: Tolerances | None, settings: ParitySettings
         budget = AccuracyBudget(**manifest["budget"])
         with progress.stage("score the fp32 model on the evaluation text"):
             scored = quantization["accuracy"]  # the same text and windows the build was held to
-            evaluation = Evaluation.prepare(loaded, Path(scored["text"]), scored["tokens"])
+            evaluation = Evaluation.prepare(loaded, EvalText.read(Path(scored["text"])), scored["tokens"])
     for name in manifest["targets"]:
         target = get_target(name)
         with progress.stage(f"parity {name}"):
@@ -207,13 +207,22 @@ def needs_calibration(precision: Precision, quant: QuantSettings) -> bool:
     return precision is Precision.W8A8 or (precision is Precision.INT4 and quant.int4_method is Int4Method.GPTQ)
 
 
-def _check_quant_inputs(config: BuildConfig) -> None:
+@dataclass
+class QuantInputs:
+    """The texts a quantized build reads, read (and so checked) before any work is done."""
+
+    calibration: list[str] | None
+    eval_text: EvalText
+
+
+def _read_quant_inputs(config: BuildConfig) -> QuantInputs | None:
     """Refuse a quantized build that cannot be calibrated or evaluated before any work is done."""
     from gptkiln.calibration.data import read_texts
 
     quant = config.quant
     if not config.precision.quantized:
-        return
+        return None
+    calibration = None
     if needs_calibration(config.precision, quant):
         if quant.calibration.path is None:
             what = "W8A8 (static activation scales)" if config.precision is Precision.W8A8 else "int4 with GPTQ"
@@ -221,23 +230,23 @@ def _check_quant_inputs(config: BuildConfig) -> None:
                              "pass --calibration PATH (a text file, a JSONL file or a directory of text files)"
                              + ("; or --int4-method rtn, which needs none" if config.precision is Precision.INT4 else "")
                              + "; gptkiln never calibrates on random tokens")
-        read_texts(quant.calibration.path, quant.calibration.jsonl_field)
-    if quant.eval_text is not None:
-        read_texts(quant.eval_text)
+        calibration = read_texts(quant.calibration.path, quant.calibration.jsonl_field)
+    return QuantInputs(calibration, EvalText.read(quant.eval_text))
 
 
-def _quantize(loaded: LoadedModel, exported: Path, directory: Path, config: BuildConfig, evaluation: Evaluation,
-              progress: Progress):
+def _quantize(loaded: LoadedModel, exported: Path, directory: Path, config: BuildConfig, inputs: QuantInputs,
+              evaluation: Evaluation, progress: Progress):
     """The exported graph, prepared and quantized; the targets' fusions run on the result."""
-    from gptkiln.calibration.data import load_calibration
+    from gptkiln.calibration.data import calibration_set
     from gptkiln.calibration.quantize import prepare, quantize
     from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
 
     prepared = directory / "prepared" / MODEL_FILE
     prepare(exported, prepared, loaded.spec)
     quant = config.quant
-    calibration = (load_calibration(quant.calibration, loaded.tokenizer)
-                   if needs_calibration(config.precision, quant) else None)
+    calibration = None
+    if inputs.calibration is not None:
+        calibration = calibration_set(inputs.calibration, loaded.tokenizer, quant.calibration, str(quant.calibration.path))
 
     def evaluate(path: Path) -> AccuracyReport:  # trials run on ONNX Runtime CPU; every target is gated itself
         return evaluation.measure(OnnxRuntimeRunner(loaded.spec, create_session(path)))

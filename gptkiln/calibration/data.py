@@ -127,10 +127,3 @@ def calibration_set(texts: Iterable[str], tokenizer, settings: CalibrationSettin
     result.source["sha256"] = result.sha256
     return result
 
-
-def load_calibration(settings: CalibrationSettings, tokenizer) -> CalibrationSet:
-    if settings.path is None:
-        raise CalibrationError("static quantization needs calibration text and none was given",
-                               "pass --calibration PATH (text, JSONL or a directory of text files); "
-                               "gptkiln never calibrates on random tokens")
-    return calibration_set(read_texts(settings.path, settings.jsonl_field), tokenizer, settings, str(settings.path))

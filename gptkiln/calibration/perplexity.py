@@ -49,15 +49,26 @@ class AccuracyReport:
         return cls(**{k: v for k, v in data.items() if k != "ppl_increase_pct"})
 
 
-def eval_windows(tokenizer, path: Path | None, max_tokens: int) -> tuple[np.ndarray, str]:
+@dataclass
+class EvalText:
+    texts: list[str]
+    name: str
+
+    @classmethod
+    def read(cls, path: Path | None) -> "EvalText":
+        """The evaluation text at `path`, or the reference model's held-out split."""
+        path = Path(path) if path is not None else DEFAULT_EVAL_TEXT
+        return cls(read_texts(path), str(path))
+
+
+def eval_windows(tokenizer, text: EvalText, max_tokens: int) -> np.ndarray:
     """[windows, WINDOW] token ids from the start of the evaluation text (deterministic)."""
-    path = Path(path) if path is not None else DEFAULT_EVAL_TEXT
-    stream = token_stream(read_texts(path), tokenizer)[:max_tokens]
+    stream = token_stream(text.texts, tokenizer)[:max_tokens]
     count = len(stream) // WINDOW
     if count < 1:
-        raise CalibrationError(f"evaluation text '{path}' has {len(stream)} tokens, fewer than one window of {WINDOW}",
-                               "give a longer --eval-text")
-    return stream[: count * WINDOW].reshape(count, WINDOW), str(path)
+        raise CalibrationError(f"evaluation text '{text.name}' has {len(stream)} tokens, fewer than one window of "
+                               f"{WINDOW}", "give a longer --eval-text")
+    return stream[: count * WINDOW].reshape(count, WINDOW)
 
 
 def score(runner: Runner, windows: np.ndarray) -> Scores:
@@ -90,11 +101,11 @@ class Evaluation:
     reference: Scores
 
     @classmethod
-    def prepare(cls, loaded, eval_text: Path | None, eval_tokens: int) -> "Evaluation":
+    def prepare(cls, loaded, text: EvalText, eval_tokens: int) -> "Evaluation":
         from gptkiln.runtime.torch_runner import TorchRunner
 
-        windows, text = eval_windows(loaded.tokenizer, eval_text, eval_tokens)
-        return cls(windows, text, score(TorchRunner(loaded.model, loaded.spec), windows))
+        windows = eval_windows(loaded.tokenizer, text, eval_tokens)
+        return cls(windows, text.name, score(TorchRunner(loaded.model, loaded.spec), windows))
 
     def measure(self, runner: Runner) -> AccuracyReport:
         return compare(score(runner, self.windows), self.reference, self.text)

@@ -97,13 +97,15 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
              calibration: CalibrationSet | None, evaluate: Evaluator, budget: AccuracyBudget,
              say: Callable[[str], None] = lambda _: None) -> QuantResult:
     base, smoothing, thresholds, hessians, cached = prepared, [], {}, None, False
-    names = sorted({layer.activation.name for layer in linear_layers(ir.load(prepared))})
+    model = ir.load(prepared)
+    layers = linear_layers(model)
+    names = sorted({layer.activation.name for layer in layers})
+    groups = list(dict.fromkeys(layer.group for layer in layers))  # smoothing keeps names, so groups hold
     if precision is Precision.W8A8:
         stats = collect(prepared, names, calibration, spec)
         cached = stats.cached
         if settings.smoothquant_alpha is not None:
-            model = ir.load(prepared)
-            smoothing = smooth(model, linear_layers(model), dict(stats.absmax), settings.smoothquant_alpha)
+            smoothing = smooth(model, layers, dict(stats.absmax), settings.smoothquant_alpha)
             base = work / "smoothed" / MODEL_FILE
             base.parent.mkdir(parents=True)
             ir.save(model, base, external_data=DATA_FILE)
@@ -114,8 +116,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     elif precision is Precision.INT4 and settings.int4_method is Int4Method.GPTQ:
         stats = collect(prepared, names, calibration, spec, hessians=True)
         hessians, cached = stats.hessians, stats.cached
-    say(f"    statistics: {'from the cache' if cached else 'collected'}" if precision is not Precision.INT8_DYNAMIC else
-        "    no calibration needed (int8-dynamic)")
+    say(f"    statistics: {'from the cache' if cached else 'collected'}" if calibration is not None else
+        "    no calibration needed")
 
     trial_count = 0
 
@@ -149,7 +151,6 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     path, trial, quantized, total, not_quantizable = attempt([])
     trials, kept, sensitivity = [trial], [], {}
     if accuracy_failures(trial.accuracy, budget) and settings.fallback:
-        groups = list(dict.fromkeys(layer.group for layer in linear_layers(ir.load(base))))
         say(f"    over budget: measuring the sensitivity of {len(groups)} layer groups")
         for group in groups:
             sensitivity[group] = attempt([group])

@@ -9,6 +9,7 @@ entropy calibration; a second pass, since its range comes from the first) and su
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -86,40 +87,35 @@ def collect(model_path: Path, names: list[str], calibration: CalibrationSet, spe
     return stats
 
 
-class _probe_session:
-    """An ORT session over the graph with the probed tensors added as outputs. The probe graph is
-    written beside the original so that its external-data location still resolves."""
+@contextlib.contextmanager
+def _probe_session(model_path: Path, names: list[str]):
+    """Yield run(feeds) -> (present arrays, {name: probed tensor}): an ORT session over the graph
+    with the probed tensors added as outputs. The probe graph is written beside the original so
+    that its external-data location still resolves; it is removed afterwards."""
+    import onnx
+    import onnxruntime as ort
 
-    def __init__(self, model_path: Path, names: list[str]):
-        self.model_path, self.names = model_path, names
-
-    def __enter__(self):
-        import onnx
-        import onnxruntime as ort
-
-        proto = onnx.load(str(self.model_path), load_external_data=False)
-        present = {o.name for o in proto.graph.output}
-        proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                                  for n in self.names if n not in present)
-        handle, probe = tempfile.mkstemp(prefix=".probe.", suffix=".onnx", dir=self.model_path.parent)
-        os.close(handle)
-        self.probe = Path(probe)
+    proto = onnx.load(str(model_path), load_external_data=False)
+    present = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in names if n not in present)
+    handle, probe = tempfile.mkstemp(prefix=".probe.", suffix=".onnx", dir=model_path.parent)
+    os.close(handle)
+    try:
         onnx.save(proto, probe)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.log_severity_level = 3
         session = ort.InferenceSession(probe, options, providers=["CPUExecutionProvider"])
-        outputs = [o.name for o in session.get_outputs()]
-        present_names = [n for n in outputs if n.startswith("present.")]
+        present_names = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
 
         def run(feeds: dict) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-            values = session.run(present_names + self.names, feeds)
-            return values[: len(present_names)], dict(zip(self.names, values[len(present_names):]))
+            values = session.run(present_names + names, feeds)
+            return values[: len(present_names)], dict(zip(names, values[len(present_names):]))
 
-        return run
-
-    def __exit__(self, *exc):
-        self.probe.unlink(missing_ok=True)
+        yield run
+    finally:
+        Path(probe).unlink(missing_ok=True)
 
 
 def _activations(run, calibration: CalibrationSet, spec: DecoderSpec):
