@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tables import markdown_table
+
 HERE = Path(__file__).parent
 
 
@@ -45,11 +47,12 @@ def main() -> None:
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "export_time.json").write_text(json.dumps(
         {"machine": f"{platform.processor() or platform.machine()}, {sys.platform}", "rows": rows}, indent=2) + "\n")
-    print("| model | layers | torch.onnx.export (s) | whole build (s) | peak RSS (GiB) | output (MB) | nodes | batch-1 logits rel |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['layers']} | {r['export_s']:.1f} | {sum(r['stage_seconds'].values()):.1f} | "
-              f"{r['peak_rss_gib']:.2f} | {r['output_mb']:.0f} | {r['onnx_nodes']} | {r['logits_rel_batch1']:.1e} |")
+    print(markdown_table(
+        ["model", "layers", "torch.onnx.export (s)", "whole build (s)", "peak RSS (GiB)", "output (MB)", "nodes",
+         "batch-1 logits rel"],
+        [[r["model"], str(r["layers"]), f"{r['export_s']:.1f}", f"{sum(r['stage_seconds'].values()):.1f}",
+          f"{r['peak_rss_gib']:.2f}", f"{r['output_mb']:.0f}", str(r["onnx_nodes"]), f"{r['logits_rel_batch1']:.1e}"]
+         for r in rows]))
 
 
 if __name__ == "__main__":

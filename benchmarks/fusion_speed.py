@@ -24,6 +24,7 @@ import onnx_ir as ir
 import torch
 
 from gptkiln.exporter import io_spec
+from tables import markdown_table
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.graph import optimize
 from gptkiln.models.loading import load_model
@@ -125,14 +126,16 @@ def main() -> None:
     (HERE / "results" / "fusion_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     base, fused_row, ortopt_row = rows["unfused export"], rows["gptkiln fused"], rows["ORT transformer optimizer"]
     print(f"model {args.model}, {args.threads} threads, prefill batch 1 x {PROMPT}, decode batch 1 at past {PAST}")
-    print("| variant | prefill ms (p10-p90) | decode ms/token (p10-p90) | decode vs unfused | decode vs ORT optimizer | fused ops |")
-    print("|---|---|---|---|---|---|")
+    cells = []
     for name, row in rows.items():
         p, d = row["prefill"], row["decode"]
-        print(f"| {name} | {p['median_ms']:.1f} ({p['p10_ms']:.1f}-{p['p90_ms']:.1f}) | "
-              f"{d['median_ms']:.2f} ({d['p10_ms']:.2f}-{d['p90_ms']:.2f}) | "
-              f"{base['decode']['median_ms'] / d['median_ms']:.2f}x | {ortopt_row['decode']['median_ms'] / d['median_ms']:.2f}x | "
-              f"{', '.join(f'{k} {v}' for k, v in sorted(row['ops'].items()))} |")
+        cells.append([name, f"{p['median_ms']:.1f} ({p['p10_ms']:.1f}-{p['p90_ms']:.1f})",
+                      f"{d['median_ms']:.2f} ({d['p10_ms']:.2f}-{d['p90_ms']:.2f})",
+                      f"{base['decode']['median_ms'] / d['median_ms']:.2f}x",
+                      f"{ortopt_row['decode']['median_ms'] / d['median_ms']:.2f}x",
+                      ", ".join(f"{k} {v}" for k, v in sorted(row["ops"].items()))])
+    print(markdown_table(["variant", "prefill ms (p10-p90)", "decode ms/token (p10-p90)", "decode vs unfused",
+                          "decode vs ORT optimizer", "fused ops"], cells))
     print(f"\nfused vs unfused: prefill {base['prefill']['median_ms'] / fused_row['prefill']['median_ms']:.2f}x, "
           f"decode {base['decode']['median_ms'] / fused_row['decode']['median_ms']:.2f}x")
 

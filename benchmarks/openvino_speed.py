@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tables import markdown_table
+
 HERE = Path(__file__).parent
 PROMPT = 128
 
@@ -108,14 +110,11 @@ def median_over_rounds(rounds: list[dict]) -> dict:
 
 
 def table(results: dict, eager: float) -> str:
-    lines = ["| variant | IR MB | peak RSS MB | prefill b1 ms | decode b1 tok/s | decode b8 tok/s | b1 vs eager |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        size = f"{r['ir_mb']:.0f}" if r["ir_mb"] else "-"
-        lines.append(f"| {name} | {size} | {r['peak_rss_mb']:.0f} | {r['b1']['prefill_ms']:.1f} | "
-                     f"{r['b1']['decode_tokens_per_s']:.1f} | {r['b8']['decode_tokens_per_s']:.1f} | "
-                     f"{r['b1']['decode_tokens_per_s'] / eager:.2f}x |")
-    return "\n".join(lines)
+    rows = [[name, f"{r['ir_mb']:.0f}" if r["ir_mb"] else "-", f"{r['peak_rss_mb']:.0f}", f"{r['b1']['prefill_ms']:.1f}",
+             f"{r['b1']['decode_tokens_per_s']:.1f}", f"{r['b8']['decode_tokens_per_s']:.1f}",
+             f"{r['b1']['decode_tokens_per_s'] / eager:.2f}x"] for name, r in results.items()]
+    return markdown_table(["variant", "IR MB", "peak RSS MB", "prefill b1 ms", "decode b1 tok/s", "decode b8 tok/s",
+                           "b1 vs eager"], rows)
 
 
 def main() -> None:

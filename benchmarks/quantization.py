@@ -28,12 +28,13 @@ import onnxruntime as ort
 
 from fusion_speed import feeds, ort_session, timed
 from gptkiln.calibration.data import calibration_set, read_texts
-from gptkiln.calibration.perplexity import Evaluation
+from gptkiln.calibration.perplexity import EvalText, Evaluation
 from gptkiln.calibration.quantize import prepare, quantize
 from gptkiln.config import AccuracyBudget, CalibrationSettings, Int4Method, Precision, QuantSettings
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.models.loading import load_model
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, OnnxRuntimeTarget, create_session
+from tables import markdown_table
 
 HERE = Path(__file__).parent
 STDLIB_FILES = ("argparse.py", "typing.py", "inspect.py", "dataclasses.py", "pathlib.py", "subprocess.py")
@@ -68,7 +69,7 @@ def run(model_name: str, repeats: int, calibration_path: Path | None, threads: i
         text = calibration_path or stdlib_text(tmp)
         settings = QuantSettings(calibration=CalibrationSettings(path=text), fallback=False)
         calibration = calibration_set(read_texts(text), loaded.tokenizer, settings.calibration, str(text))
-        evaluation = Evaluation.prepare(loaded, None, settings.eval_tokens)
+        evaluation = Evaluation.prepare(loaded, EvalText.read(None), settings.eval_tokens)
         prepared = {}
         for opset in (18, 21):  # as recorded in RESULTS.md (int4's blocked DequantizeLinear needs 21)
             exported = export_onnx(loaded, tmp / f"export{opset}", opset).path
@@ -114,15 +115,14 @@ def run(model_name: str, repeats: int, calibration_path: Path | None, threads: i
 
 
 def table(result: dict) -> str:
-    lines = [f"**{result['model']}** (ONNX Runtime {result['onnxruntime']}, {result['threads']} threads)", "",
-             "| variant | size MB | prefill 128 ms | decode tok/s | vs fp32 | perplexity | increase | top-1 | budget |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, row in result["variants"].items():
-        budget = {None: "-", True: "holds", False: "missed"}[row["within_budget"]]
-        lines.append(f"| {name} | {row['size_mb']:.1f} | {row['prefill_ms']['median_ms']:.1f} | "
-                     f"{row['decode_tokens_per_s']:.1f} | {row['decode_speedup_vs_fp32']:.2f}x | {row['ppl']:.3f} | "
-                     f"{row['ppl_increase_pct']:+.2f}% | {row['top1_agreement']:.1%} | {budget} |")
-    return "\n".join(lines)
+    rows = [[name, f"{row['size_mb']:.1f}", f"{row['prefill_ms']['median_ms']:.1f}", f"{row['decode_tokens_per_s']:.1f}",
+             f"{row['decode_speedup_vs_fp32']:.2f}x", f"{row['ppl']:.3f}", f"{row['ppl_increase_pct']:+.2f}%",
+             f"{row['top1_agreement']:.1%}", {None: "-", True: "holds", False: "missed"}[row["within_budget"]]]
+            for name, row in result["variants"].items()]
+    headers = ["variant", "size MB", "prefill 128 ms", "decode tok/s", "vs fp32", "perplexity", "increase", "top-1",
+               "budget"]
+    return (f"**{result['model']}** (ONNX Runtime {result['onnxruntime']}, {result['threads']} threads)\n\n"
+            + markdown_table(headers, rows))
 
 
 def main() -> None:
