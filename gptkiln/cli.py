@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from gptkiln.config import (AccuracyBudget, ActivationCalibration, BuildConfig, CalibrationSettings, Int4Method,
-                            ParitySettings, Precision, QuantSettings, RuntimeSettings, Tolerances)
-from gptkiln.errors import GptkilnError, UsageError
+from gptkiln.config import (AccuracyBudget, ActivationCalibration, BuildConfig, CalibrationSettings, EngineSettings,
+                            Int4Method, ParitySettings, Precision, QuantSettings, RuntimeSettings, Tolerances)
+from gptkiln.errors import GptkilnError, TargetUnavailableError, UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--performance-hint", choices=["latency", "throughput"], default="latency",
                         help="OpenVINO performance hint (default latency)")
     _add_quantization_options(export)
+    _add_engine_options(export)
     export.set_defaults(handler=_export)
 
     verify = commands.add_parser("verify", help="check an output's files and rerun its parity gates")
@@ -94,7 +95,7 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
     defaults = QuantSettings()
     group = parser.add_argument_group("quantization (accuracy-gated; see the README)")
     group.add_argument("--quantize", choices=[p.value for p in Precision], default=Precision.FP32.value,
-                       help="precision of the build (default fp32)")
+                       help="precision of the build (default fp32; fp16/bf16 keep normalization and softmax in fp32)")
     group.add_argument("--calibration", type=Path, help="calibration text: a text file, a .jsonl file or a directory")
     group.add_argument("--calibration-field", default=defaults.calibration.jsonl_field,
                        help="JSONL field holding the text (default %(default)s)")
@@ -121,6 +122,30 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
                        help="accuracy budget, percent (default 1.5 for int8, 5 for int4)")
     group.add_argument("--no-fallback", action="store_true",
                        help="fail instead of keeping the most sensitive layers in fp32")
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    defaults = EngineSettings()
+    group = parser.add_argument_group("TensorRT engine (optimization profiles and compatibility)")
+    group.add_argument("--trt-max-batch", type=int, default=defaults.max_batch, help="default %(default)s")
+    group.add_argument("--trt-opt-batch", type=int, default=defaults.opt_batch, help="batch the kernels are tuned for "
+                                                                                   "(default %(default)s)")
+    group.add_argument("--trt-max-seq", type=int, help="prompt + generated tokens (default: the model's context)")
+    group.add_argument("--trt-opt-prompt", type=int, default=defaults.opt_prompt,
+                       help="prompt length the prefill kernels are tuned for (default %(default)s)")
+    group.add_argument("--trt-hardware-compat", choices=["none", "same-cc", "ampere+"], default="none",
+                       help="which GPUs may load the engine: the build GPU's compute capability (none, same-cc) "
+                            "or any Ampere or newer (ampere+; slower kernels)")
+    group.add_argument("--trt-version-compatible", action="store_true",
+                       help="let later TensorRT 10.x releases load the engine")
+
+
+def _engine_settings(args) -> EngineSettings:
+    if args.trt_max_batch < 1 or not 1 <= args.trt_opt_batch <= args.trt_max_batch or args.trt_opt_prompt < 1:
+        raise UsageError("need 1 <= --trt-opt-batch <= --trt-max-batch and --trt-opt-prompt >= 1", "fix the option values")
+    return EngineSettings(max_batch=args.trt_max_batch, opt_batch=args.trt_opt_batch, max_seq=args.trt_max_seq,
+                          opt_prompt=args.trt_opt_prompt, hardware_compatibility=args.trt_hardware_compat,
+                          version_compatible=args.trt_version_compatible)
 
 
 def _quant_settings(args) -> QuantSettings:
@@ -161,7 +186,7 @@ def _tolerances(args) -> tuple[Tolerances | None, ParitySettings]:
 
 def _export(args):
     from gptkiln.pipeline import Progress, build
-    from gptkiln.targets import available_targets, get_target
+    from gptkiln.targets import TARGETS, available_targets, get_target
 
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0, got {args.threads}", "pass a thread count, or 0 for every core")
@@ -170,10 +195,15 @@ def _export(args):
     tolerances, parity = _tolerances(args)
     precision = Precision(args.quantize)
     targets = args.targets or [t for t in available_targets() if precision in get_target(t).precisions]
+    if not targets:
+        able = [name for name, target in TARGETS.items() if precision in target.precisions]
+        raise TargetUnavailableError(f"no target runtime installed here runs {precision.value} builds",
+                                     f"name a target with --target ({', '.join(able)}), or install its runtime")
     config = BuildConfig(model=args.model, output=args.output, targets=tuple(targets), precision=precision,
                          quant=_quant_settings(args), opset=args.opset, force=args.force,
                          runtime=RuntimeSettings(threads=args.threads, performance_hint=args.performance_hint.upper()),
-                         tolerances=tolerances or Tolerances(), parity=parity)
+                         engine=_engine_settings(args), parity=parity,
+                         tolerances=tolerances or (Tolerances.half() if precision.half else Tolerances()))
     result = build(config, Progress(enabled=True))
     return result.to_dict(), _summary(result)
 
@@ -199,21 +229,35 @@ def _generate(args):
 
 
 def _summary(result) -> str:
-    rows = _quantized_rows(result) if result.precision.quantized else _fp32_rows(result)
+    compiled = [t for t in result.targets if t.compiled]
+    rows = _quantized_rows(result, compiled) if result.precision.quantized else _parity_rows(result, compiled)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     table.insert(1, "  ".join("-" * width for width in widths))
     stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.stage_seconds.items())
     fusions = [f"fusion  {t.name}: {_fusion_line(t.settings['fusion'])}" for t in result.targets]
     quantized = [f"quant   {_quant_line(result.quantization)}"] if result.quantization else []
+    prepared = [_prepared_lines(t) for t in result.targets if not t.compiled]
     return (f"model   {result.model['name']} ({result.spec.model_type}, {result.spec.num_layers} layers)\n"
-            f"output  {result.output}\nstages  {stages}\n" + "\n".join(quantized + fusions) + "\n\n" + "\n".join(table))
+            f"output  {result.output}\nstages  {stages}\n" + "\n".join(quantized + fusions) + "\n\n"
+            + ("\n".join(table) if compiled else "") + "".join(prepared))
 
 
-def _quantized_rows(result) -> list[tuple]:
+def _prepared_lines(target) -> str:
+    settings = target.settings
+    readiness = settings["readiness"]
+    return (f"\n\n{target.name}: prepared, NOT compiled (no engine, no parity run here)\n"
+            f"  readiness: ready for TensorRT {readiness['minimum_tensorrt']}+ "
+            f"({len(readiness['warnings'])} warning(s)); the ONNX is in {target.name}/\n"
+            "  missing here: " + "; ".join(settings["missing"]) + "\n"
+            "  to finish: run the same gptkiln export on a machine that has them (builds, then proves parity),\n"
+            f"  or build the engine alone there with trtexec: sh {target.name}/{settings['trtexec_script']}")
+
+
+def _quantized_rows(result, targets) -> list[tuple]:
     rows = [("target", "precision", "perplexity fp32 -> ours", "increase", "top-1 vs fp32", "pad vs unpad top-1",
              "result")]
-    for target in result.targets:
+    for target in targets:
         accuracy = target.accuracy
         padded = min(c.top1_agreement for c in target.parity.comparisons if c.name.startswith("padded_vs"))
         rows.append((target.name, result.precision.value, f"{accuracy.ppl_reference:.3f} -> {accuracy.ppl:.3f}",
@@ -231,13 +275,13 @@ def _quant_line(quantization: dict) -> str:
             f"({details}); kept in fp32: {kept}" + (f"; SmoothQuant on {smoothed} activations" if smoothed else ""))
 
 
-def _fp32_rows(result) -> list[tuple]:
-    rows = [("target", "logits rel (b1)", "padded rel", "pad vs unpad", "top-1", "greedy", "result")]
-    for target in result.targets:
+def _parity_rows(result, targets) -> list[tuple]:
+    rows = [("target", "precision", "logits rel (b1)", "padded rel", "pad vs unpad", "top-1", "greedy", "result")]
+    for target in targets:
         by_name = {c.name: c for c in target.parity.comparisons}
         unpadded = max((c.rel for c in target.parity.comparisons if c.name.startswith("padded_vs")), default=0.0)
         greedy = " ".join(f"{g.matched}/{g.tokens}" for g in target.parity.greedy)
-        rows.append((target.name, f"{by_name['batch1/logits'].rel:.2e}", f"{by_name['padded/logits'].rel:.2e}",
+        rows.append((target.name, result.precision.value, f"{by_name['batch1/logits'].rel:.2e}", f"{by_name['padded/logits'].rel:.2e}",
                      f"{unpadded:.2e}", f"{by_name['batch1/logits'].top1_agreement:.1%}", greedy,
                      "PASS" if not target.failures else "FAIL"))
     return rows

@@ -12,10 +12,17 @@ class Precision(str, enum.Enum):
     W8A8 = "w8a8"  # static: int8 weights (per channel) and activations (per tensor, calibrated)
     INT8_DYNAMIC = "int8-dynamic"  # int8 weights; activations quantized at run time
     INT4 = "int4"  # weight-only, block-wise; activations stay fp32
+    FP16 = "fp16"  # every tensor half, normalization and softmax in fp32 (strongly typed runtimes)
+    BF16 = "bf16"
 
     @property
     def quantized(self) -> bool:
-        return self is not Precision.FP32
+        """Calibrated or rounded to integers: gated by measured accuracy."""
+        return self in (Precision.W8A8, Precision.INT8_DYNAMIC, Precision.INT4)
+
+    @property
+    def half(self) -> bool:
+        return self in (Precision.FP16, Precision.BF16)
 
 
 class ActivationCalibration(str, enum.Enum):
@@ -37,10 +44,15 @@ class Tolerances:
     logit (so the bar does not depend on the model's logit scale).
     """
 
-    logits_rel: float = 1e-4
+    logits_rel: float | None = 1e-4  # None: not bounded (half precision)
     min_top1_agreement: float = 0.99
     greedy_tokens: int = 32
-    padded_rel: float = 1e-4
+    padded_rel: float | None = 1e-4
+
+    @classmethod
+    def half(cls) -> "Tolerances":
+        """fp16 / bf16 (docs/DESIGN.md): top-1 >= 99% and 16 greedy tokens; logits are not bounded."""
+        return cls(logits_rel=None, min_top1_agreement=0.99, greedy_tokens=16, padded_rel=None)
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,18 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    """What an ahead-of-time engine (TensorRT) is built for: its optimization profiles and who may load it."""
+
+    max_batch: int = 8
+    opt_batch: int = 1
+    max_seq: int | None = None  # prompt + generated tokens; None: the model's context
+    opt_prompt: int = 128
+    hardware_compatibility: str = "none"  # "none" (this GPU's compute capability), "ampere+", "same-cc"
+    version_compatible: bool = False  # loadable by later TensorRT releases of the same major version
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     model: str
     output: Path
@@ -117,6 +141,7 @@ class BuildConfig:
     precision: Precision = Precision.FP32
     quant: QuantSettings = field(default_factory=QuantSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     opset: int = 23  # ONNX Attention: one op per layer that ORT and OpenVINO (SDPA + KV cache) run fused
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)

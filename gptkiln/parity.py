@@ -161,7 +161,7 @@ def gate(report: ParityReport, tolerances: Tolerances) -> list[str]:
     failures = []
     for c in report.comparisons:
         limit = tolerances.padded_rel if c.name.startswith("padded_vs_unpadded") else tolerances.logits_rel
-        if c.rel > limit:
+        if limit is not None and c.rel > limit:
             failures.append(f"{c.name}: max |diff| {c.max_abs:.3g} = {c.rel:.3g} of scale {c.scale:.3g} "
                             f"(limit {limit:g}) at step {c.worst_step} ({'prefill' if c.worst_step == 0 else 'decode'}), "
                             f"row {c.worst_row}")

@@ -27,10 +27,11 @@ from gptkiln.manifest import MANIFEST, read_manifest, tool_versions, write_manif
 from gptkiln.models.loading import LoadedModel, load_model
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.parity import ParityReport, consistency_gate, gate, parity_prompts, run_parity
-from gptkiln.targets import Target, get_target
+from gptkiln.targets import get_target
 
 EXPORT_DIR = "_export"  # inside the build directory; removed before publishing
 QUANT_DIR = "_quantize"  # likewise: the prepared, smoothed and trial graphs
+HALF_DIR = "_half"  # likewise: the fp16 / bf16 graph
 INT4_MIN_OPSET = 21  # blocked DequantizeLinear
 
 
@@ -67,12 +68,17 @@ class Progress:
 class TargetResult:
     name: str
     settings: dict
-    parity: ParityReport
+    parity: ParityReport | None  # None: prepared only, no engine to run here
     failures: list[str]
     accuracy: AccuracyReport | None = None  # quantized builds: perplexity and top-1 against fp32
 
+    @property
+    def compiled(self) -> bool:
+        return self.settings.get("compiled", True)
+
     def to_dict(self) -> dict:
-        return {"settings": self.settings, "parity": self.parity.to_dict(),
+        return {"settings": self.settings, "compiled": self.compiled,
+                "parity": self.parity.to_dict() if self.parity else None,
                 "accuracy": self.accuracy.to_dict() if self.accuracy else None,
                 "passed": not self.failures, "failures": self.failures}
 
@@ -85,6 +91,7 @@ class BuildResult:
     export: dict
     precision: Precision = Precision.FP32
     quantization: dict | None = None  # QuantResult.to_dict(): method, kept layers, trials
+    half: dict | None = None  # fp16 / bf16 builds: gptkiln.graph.half's report
     targets: list[TargetResult] = field(default_factory=list)
     stage_seconds: dict = field(default_factory=dict)
 
@@ -95,7 +102,8 @@ class BuildResult:
     def to_dict(self) -> dict:
         return {"ok": self.ok, "output": str(self.output), "model": self.model, "spec": self.spec.to_dict(),
                 "export": self.export, "precision": self.precision.value, "quantization": self.quantization,
-                "targets": {t.name: t.to_dict() for t in self.targets}, "stage_seconds": self.stage_seconds}
+                "half": self.half, "targets": {t.name: t.to_dict() for t in self.targets},
+                "stage_seconds": self.stage_seconds}
 
 
 def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
@@ -103,10 +111,9 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     if not config.targets:
         raise TargetUnavailableError("no target to build: no target runtime is installed here",
                                      "pip install onnxruntime, or name a target with --target")
-    targets = [get_target(name, config.runtime) for name in config.targets]
+    targets = [get_target(name, config.runtime, config.engine) for name in config.targets]
     for target in targets:
-        target.check_available()
-        _check_precision(target, config.precision)
+        target.check_build(config)
     inputs = _read_quant_inputs(config)
     output = config.output.expanduser().resolve()
     _check_output(output, config.force)
@@ -127,11 +134,19 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
                 quantized = _quantize(loaded, compile_input, work / QUANT_DIR, config, inputs, evaluation, progress)
             result.quantization = quantized.to_dict()
             compile_input = quantized.path
+        if config.precision.half:
+            with progress.stage(f"convert to {config.precision.value}"):
+                result.half = _to_half(compile_input, work / HALF_DIR / MODEL_FILE, config.precision).to_dict()
+            compile_input = work / HALF_DIR / MODEL_FILE
         budget = config.quant.budget_for(config.precision)
         for target in targets:
             with progress.stage(f"compile {target.name}"):
                 settings = target.compile(compile_input, work / target.name, loaded.spec)
             _warn_short_fusions(progress, target.name, settings["fusion"])
+            if not settings.get("compiled", True):
+                progress.say(f"    {target.name}: prepared, not compiled here: {'; '.join(settings['missing'])}")
+                result.targets.append(TargetResult(target.name, settings, None, []))
+                continue
             with progress.stage(f"parity {target.name}"):
                 runner = target.load(work / target.name, loaded.spec)
                 report = run_parity(runner, reference, parity_prompts(loaded.tokenizer), config.parity)
@@ -142,6 +157,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
         _raise_if_failed(result)
         shutil.rmtree(work / EXPORT_DIR)
         shutil.rmtree(work / QUANT_DIR, ignore_errors=True)
+        shutil.rmtree(work / HALF_DIR, ignore_errors=True)
         loaded.tokenizer.save_pretrained(work)
         write_manifest(work, _manifest_body(config, result))
         _publish(work, output, config.force)
@@ -175,7 +191,10 @@ def verify(output: Path, tolerances: Tolerances | None, settings: ParitySettings
         with progress.stage("score the fp32 model on the evaluation text"):
             scored = quantization["accuracy"]  # the same text and windows the build was held to
             evaluation = Evaluation.prepare(loaded, EvalText.read(Path(scored["text"])), scored["tokens"])
-    for name in manifest["targets"]:
+    for name, built in manifest["targets"].items():
+        if not built.get("compiled", True):  # prepared for a machine with the runtime: nothing to run
+            result.targets.append(TargetResult(name, built["settings"], None, []))
+            continue
         target = get_target(name)
         with progress.stage(f"parity {name}"):
             runner = target.load(output / name, loaded.spec)
@@ -190,17 +209,11 @@ def verify(output: Path, tolerances: Tolerances | None, settings: ParitySettings
 
 def _gate(precision: Precision, report: ParityReport, accuracy: AccuracyReport | None, tolerances: Tolerances,
           budget: AccuracyBudget | None) -> list[str]:
-    """fp32: the parity bars. Quantized: the accuracy budget, and padded rows that keep their tokens."""
+    """fp32, fp16, bf16: the parity bars of that precision. Quantized: the accuracy budget, and padded
+    rows that keep their tokens."""
     if not precision.quantized:
         return gate(report, tolerances)
     return accuracy_failures(accuracy, budget) + consistency_gate(report, budget.min_padded_top1_agreement)
-
-
-def _check_precision(target: Target, precision: Precision) -> None:
-    if precision not in target.precisions:
-        raise UsageError(f"target '{target.name}' cannot run {precision.value} builds",
-                         f"use --quantize {' or '.join(p.value for p in target.precisions)} for it, "
-                         f"or build {precision.value} for another target")
 
 
 def needs_calibration(precision: Precision, quant: QuantSettings) -> bool:
@@ -253,6 +266,12 @@ def _quantize(loaded: LoadedModel, exported: Path, directory: Path, config: Buil
 
     return quantize(prepared, directory, config.precision, quant, loaded.spec, calibration, evaluate,
                     quant.budget_for(config.precision), progress.say)
+
+
+def _to_half(source: Path, destination: Path, precision: Precision):
+    from gptkiln.graph.half import convert_file
+
+    return convert_file(source, destination, precision.value)
 
 
 def _warn_short_fusions(progress: Progress, target: str, fusion: dict) -> None:
@@ -323,6 +342,7 @@ def _manifest_body(config: BuildConfig, result: BuildResult) -> dict:
         "io_contract": io_spec.contract(result.spec),
         "precision": config.precision.value,
         "quantization": result.quantization,
+        "half": result.half,
         "budget": vars(config.quant.budget_for(config.precision)) if config.precision.quantized else None,
         "export": result.export,
         "targets": {t.name: t.to_dict() for t in result.targets},

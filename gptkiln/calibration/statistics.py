@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptkiln.cache import cache_root
 from gptkiln.calibration.data import CalibrationSet
 from gptkiln.exporter import io_spec
 from gptkiln.manifest import sha256_file
@@ -39,11 +40,6 @@ class ActivationStats:
 
     def tensor_absmax(self, name: str) -> float:
         return float(self.absmax[name].max())
-
-
-def cache_root() -> Path:
-    root = os.environ.get("GPTKILN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptkiln"
-    return Path(root)
 
 
 def graph_sha256(model_path: Path) -> str:

@@ -32,9 +32,10 @@ def open_output(output: Path, target: str | None = None) -> Session:
     from transformers import AutoTokenizer
 
     manifest = read_manifest(output)
-    built = list(manifest["targets"])
+    built = [name for name, result in manifest["targets"].items() if result.get("compiled", True)]
     if not built:
-        raise ArtifactError(f"'{output}' holds no built target", "export again with --target")
+        raise ArtifactError(f"'{output}' holds no compiled target (only ONNX prepared for another machine)",
+                            "export again with a --target this machine runs, or run it where the engine was built")
     name = target or built[0]
     if name not in built:
         raise UsageError(f"'{output}' has no '{name}' build", f"use one of: {', '.join(built)}")

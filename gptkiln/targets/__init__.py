@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from gptkiln.config import RuntimeSettings
+from gptkiln.config import EngineSettings, RuntimeSettings
 from gptkiln.errors import TargetUnavailableError, UsageError
 from gptkiln.targets.base import Runner, Target
 from gptkiln.targets.onnxruntime import OnnxRuntimeTarget
 from gptkiln.targets.openvino import OpenVinoStatelessTarget, OpenVinoTarget
+from gptkiln.targets.tensorrt import TensorRTTarget
 
 TARGETS: dict[str, type[Target]] = {
-    target.name: target for target in (OnnxRuntimeTarget, OpenVinoTarget, OpenVinoStatelessTarget)
+    target.name: target for target in (OnnxRuntimeTarget, OpenVinoTarget, OpenVinoStatelessTarget, TensorRTTarget)
 }
 
 
-def get_target(name: str, runtime: RuntimeSettings | None = None) -> Target:
+def get_target(name: str, runtime: RuntimeSettings | None = None, engine: EngineSettings | None = None) -> Target:
     if name not in TARGETS:
         raise UsageError(f"unknown target '{name}'", f"use one of: {', '.join(TARGETS)}")
-    return TARGETS[name](runtime)
+    return TARGETS[name](runtime, engine)
 
 
 def available_targets() -> list[str]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptkiln.config import Precision, RuntimeSettings
+from gptkiln.config import BuildConfig, EngineSettings, Precision, RuntimeSettings
+from gptkiln.errors import UsageError
 from gptkiln.models.spec import DecoderSpec
 
 
@@ -44,8 +45,20 @@ class Target(ABC):
     fusion_sets: tuple[str, ...]  # which gptkiln.graph fusion sets this runtime can run
     precisions: tuple[Precision, ...] = (Precision.FP32,)  # the graphs it can compile and run
 
-    def __init__(self, runtime: RuntimeSettings | None = None):
+    def __init__(self, runtime: RuntimeSettings | None = None, engine: EngineSettings | None = None):
         self.runtime = runtime or RuntimeSettings()
+        self.engine = engine or EngineSettings()  # ahead-of-time engines (TensorRT) only
+
+    def check_build(self, config: BuildConfig) -> None:
+        """Refuse, before any work is done, a build this target cannot do here."""
+        self.check_available()
+        self.check_precision(config.precision)
+
+    def check_precision(self, precision: Precision) -> None:
+        if precision not in self.precisions:
+            raise UsageError(f"target '{self.name}' cannot run {precision.value} builds",
+                             f"use --quantize {' or '.join(p.value for p in self.precisions)} for it, "
+                             f"or build {precision.value} for another target")
 
     def save_runtime_config(self, out_dir: Path, config: dict) -> None:
         (out_dir / RUNTIME_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

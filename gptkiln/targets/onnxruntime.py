@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from gptkiln.config import Precision
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
@@ -38,6 +40,15 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(spec)
         self.session = session
         self.past_names = io_spec.past_names(spec.num_layers)
+        inputs = {i.name: i.type for i in session.get_inputs()}
+        # an fp16 graph keeps its KV cache in fp16 (gptkiln.graph.half)
+        self.cache_dtype = np.float16 if inputs.get(self.past_names[0]) == "tensor(float16)" else np.float32
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [array.astype(self.cache_dtype) for array in super().empty_cache(batch)]
+
+    def cache_arrays(self, cache) -> list[np.ndarray]:
+        return [array.astype(np.float32, copy=False) for array in cache]
 
     def step(self, input_ids, attention_mask, position_ids, cache):
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -50,7 +61,8 @@ class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     description = "ONNX Runtime (CPU; CUDA when onnxruntime-gpu sees a GPU)"
     fusion_sets = ("portable", "onnxruntime")
-    precisions = tuple(Precision)
+    # bf16: ORT's CPU kernels lack it (no Where, MatMul, ... for bfloat16)
+    precisions = (Precision.FP32, Precision.W8A8, Precision.INT8_DYNAMIC, Precision.INT4, Precision.FP16)
 
     def check_available(self) -> None:
         try:

@@ -9,7 +9,8 @@ import torch
 
 from gptkiln.calibration.data import calibration_set, read_texts
 from gptkiln.calibration.layers import linear_layers
-from gptkiln.calibration.statistics import cache_root, collect
+from gptkiln.cache import cache_root
+from gptkiln.calibration.statistics import collect
 from gptkiln.config import CalibrationSettings
 
 SETTINGS = CalibrationSettings(samples=6, seq_len=48, decode_steps=8)
