@@ -31,6 +31,21 @@ def test_fp32_islands_and_clipping(fresh_graph):
             assert np.isfinite(node.attributes["value"].value.numpy().astype(np.float32)).all()
 
 
+def test_shared_normalization_weights(fresh_graph):
+    """Identical LayerNorm weights may be one initializer (GPT-2 at init): one fp32 copy serves them all."""
+    model = fresh_graph()
+    norms = [n for n in model.graph if n.op_type == "LayerNormalization"]
+    shared = norms[0].inputs[1]
+    for node in norms[1:3]:
+        node.replace_input_with(1, shared)
+    scaled = ir.node("Mul", [norms[0].outputs[0], shared])  # and a half consumer of the same weight
+    model.graph.append(scaled)
+    to_half(model, "fp16")
+    assert all(n.inputs[1].dtype == ir.DataType.FLOAT for n in norms)
+    assert len({id(n.inputs[1]) for n in norms[:3]}) == 1 and norms[0].inputs[1].name == f"{shared.name}_fp32"
+    assert scaled.inputs[1] is shared and shared.dtype == ir.DataType.FLOAT16
+
+
 def test_fp16_build_passes_the_half_bar_on_ort(tmp_path):
     result = build(BuildConfig(model="reference", output=tmp_path / "out", targets=("onnxruntime",),
                                precision=Precision.FP16, tolerances=Tolerances.half()))

@@ -203,6 +203,7 @@ def test_export_without_tensorrt_prepares_the_checked_onnx(tmp_path, capsys):
     target = payload["targets"]["tensorrt"]
     assert payload["ok"] and target["compiled"] is False and target["parity"] is None
     assert target["settings"]["readiness"]["ready"] and any("TensorRT 10.14 or newer" in m for m in target["settings"]["missing"])
+    assert not any(count["short"] for count in target["settings"]["fusion"]["fusions"])  # Gelu fuses in fp16 too
     assert "prepared, not compiled here" in captured.err
     manifest = read_manifest(out)  # every file hashed, the manifest written last
     assert set(manifest["files"]) >= {"tensorrt/model.onnx", "tensorrt/model.onnx.data", "tensorrt/build_engine.sh"}

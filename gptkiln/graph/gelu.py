@@ -7,6 +7,8 @@ Gelu exists from opset 20; an opset-18 graph keeps the decomposed form (and says
 
 from __future__ import annotations
 
+import ml_dtypes
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
@@ -27,7 +29,11 @@ def check_tanh_gelu_constants(half, three, cubic, sqrt_2_over_pi, one) -> patter
     wanted = ((half, 0.5), (three, 3.0), (cubic, 0.044715), (sqrt_2_over_pi, 0.7978845608028654), (one, 1.0))
     for value, number in wanted:
         tensor = ir.convenience.get_const_tensor(value)
-        if tensor is None or tensor.size != 1 or abs(float(tensor.numpy().reshape(())) - number) > 1e-6:
+        if tensor is None or tensor.size != 1:
+            return result.fail(f"expected the constant {number}", value)
+        array = tensor.numpy()
+        tolerance = max(1e-6, float(ml_dtypes.finfo(array.dtype).eps) * abs(number))  # fp16/bf16 graphs round it
+        if abs(float(array.reshape(()).astype(np.float64)) - number) > tolerance:
             return result.fail(f"expected the constant {number}", value)
     return result
 

@@ -119,16 +119,17 @@ def _compute_in_fp32(graph: ir.Graph, node: ir.Node, half: ir.DataType, original
     graph.insert_before(node, cast_in)
     node.replace_input_with(0, cast_in.outputs[0])
     for index, parameter in enumerate(node.inputs[1:], start=1):
-        if parameter is None or parameter.name not in originals:
+        if parameter is None or parameter.name not in originals or parameter.dtype == ir.DataType.FLOAT:
             continue
-        if len(parameter.uses()) == 1:
+        if all(use.node.op_type in FP32_OPS for use in parameter.uses()):  # read only by fp32 islands
             parameter.const_value = ir.tensor(originals[parameter.name], name=parameter.name)
             parameter.dtype = ir.DataType.FLOAT
-        else:  # shared with half consumers: an fp32 copy for this node
-            copy = ir.Value(name=f"{parameter.name}_fp32", shape=parameter.shape, type=ir.TensorType(ir.DataType.FLOAT),
-                            const_value=ir.tensor(originals[parameter.name], name=f"{parameter.name}_fp32"))
-            graph.register_initializer(copy)
-            node.replace_input_with(index, copy)
+            continue
+        name = f"{parameter.name}_fp32"  # shared with half consumers: one fp32 copy for the islands
+        if name not in graph.initializers:
+            graph.register_initializer(ir.Value(name=name, shape=parameter.shape, type=ir.TensorType(ir.DataType.FLOAT),
+                                                const_value=ir.tensor(originals[parameter.name], name=name)))
+        node.replace_input_with(index, graph.initializers[name])
     output = node.outputs[0]
     output.dtype = ir.DataType.FLOAT
     cast_out = ir.node("Cast", [output], {"to": half}, name=_derived(node, "to_half"))
