@@ -91,23 +91,20 @@ def _half_tensor(array: np.ndarray, half: ir.DataType, name: str | None = None) 
 
 
 def _convert_attributes(node: ir.Node, half: ir.DataType) -> int:
-    """Float Constants and ConstantOfShape values become half; Cast to float becomes Cast to half."""
-    clipped = 0
+    """Float Constants and ConstantOfShape values become half; Cast to float becomes Cast to half.
+    Returns how many constant elements were clipped to the half range."""
     if node.op_type == "Cast" and node.attributes.get_int("to") == ir.DataType.FLOAT:
         node.attributes["to"] = ir.AttrInt64("to", half)
-    for name in ("value",):
-        attribute = node.attributes.get(name)
-        if attribute is not None and attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == ir.DataType.FLOAT:
-            tensor, clipped = _half_tensor(attribute.value.numpy(), half)
-            node.attributes[name] = ir.AttrTensor(name, tensor)
-    if node.op_type == "Constant" and "value_float" in node.attributes:
-        value = node.attributes.pop("value_float").value
-        tensor, clipped = _half_tensor(np.array(value, np.float32), half)
-        node.attributes["value"] = ir.AttrTensor("value", tensor)
-    if node.op_type == "Constant" and "value_floats" in node.attributes:
-        values = node.attributes.pop("value_floats").value
-        tensor, clipped = _half_tensor(np.array(values, np.float32), half)
-        node.attributes["value"] = ir.AttrTensor("value", tensor)
+    value = node.attributes.get("value")
+    if value is not None and value.type == ir.AttributeType.TENSOR and value.value.dtype == ir.DataType.FLOAT:
+        array = value.value.numpy()
+    elif node.op_type == "Constant" and ("value_float" in node.attributes or "value_floats" in node.attributes):
+        name = "value_float" if "value_float" in node.attributes else "value_floats"
+        array = np.array(node.attributes.pop(name).value, np.float32)
+    else:
+        return 0
+    tensor, clipped = _half_tensor(array, half)
+    node.attributes["value"] = ir.AttrTensor("value", tensor)
     return clipped
 
 

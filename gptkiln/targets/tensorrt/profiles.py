@@ -74,15 +74,20 @@ class Profile:
                    data["max_total"])
 
 
+def check_settings(settings: EngineSettings) -> None:
+    """What can be checked before the model is loaded (the context length needs its config)."""
+    if not 1 <= settings.opt_batch <= settings.max_batch or settings.opt_prompt < 1:
+        raise UsageError(f"need 1 <= --trt-opt-batch ({settings.opt_batch}) <= --trt-max-batch ({settings.max_batch}) "
+                         f"and --trt-opt-prompt >= 1 ({settings.opt_prompt})", "fix the option values")
+
+
 def derive_profiles(spec: DecoderSpec, settings: EngineSettings) -> list[Profile]:
     """[prefill, decode] for this model and settings; a setting the model cannot honour is a UsageError."""
+    check_settings(settings)
     max_total = settings.max_seq or spec.max_positions
     if not 2 <= max_total <= spec.max_positions:
         raise UsageError(f"--trt-max-seq {max_total} is outside 2..{spec.max_positions} (the model's context)",
                          f"pass a length up to {spec.max_positions}")
-    if not 1 <= settings.opt_batch <= settings.max_batch:
-        raise UsageError(f"--trt-opt-batch {settings.opt_batch} must be in 1..--trt-max-batch ({settings.max_batch})",
-                         "fix the batch sizes")
     opt_prompt = min(settings.opt_prompt, max_total)
     batch = DimRange(1, settings.opt_batch, settings.max_batch)
     prefill = Profile(PREFILL, batch, DimRange(1, opt_prompt, max_total), DimRange(0, 0, max_total - 1), max_total)

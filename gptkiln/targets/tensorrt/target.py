@@ -19,7 +19,7 @@ from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 from gptkiln.targets.tensorrt.compat import (EngineRequirements, build_problems, compatibility_problems,
                                              parse_version)
-from gptkiln.targets.tensorrt.profiles import Profile, derive_profiles
+from gptkiln.targets.tensorrt.profiles import Profile, check_settings, derive_profiles
 from gptkiln.targets.tensorrt.readiness import INT4_BLOCK_SIZES, check
 
 ENGINE_FILE = "model.engine"
@@ -67,6 +67,7 @@ class TensorRTTarget(Target):
     def check_build(self, config: BuildConfig) -> None:
         """A missing TensorRT is no reason to refuse: the checked ONNX is still prepared (see compile)."""
         self.check_precision(config.precision)
+        check_settings(self.engine)
         quant = config.quant
         if config.precision is Precision.INT4 and (not quant.int4_symmetric or quant.int4_block_size not in INT4_BLOCK_SIZES):
             raise UsageError("TensorRT runs int4 only symmetric (no zero points) in blocks of 64 or 128",
