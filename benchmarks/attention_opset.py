@@ -20,7 +20,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from fusion_speed import feeds, ort_session, timed
-from gptkiln.exporter.to_onnx import DATA_FILE, export_onnx
+from gptkiln.exporter.io_spec import DATA_FILE
+from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.graph import optimize
 from gptkiln.models.loading import load_model
 from tables import markdown_table

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from gptkiln.config import (AccuracyBudget, ActivationCalibration, BuildConfig, CalibrationSettings, EngineSettings,
@@ -30,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gptkiln: interrupted; nothing was written", file=sys.stderr)
         return 130
-    print(json.dumps({"ok": True, **payload}, indent=2) if args.json else text)
-    return 0
+    code = payload.pop("exit_code", 0)  # a matrix reports its failed builds itself, with the others' results
+    print(json.dumps({"ok": code == 0, **payload}, indent=2) if args.json else text)
+    return code
 
 
 def _quiet_libraries() -> None:
@@ -49,11 +51,55 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="export MODEL, compile each target, prove parity with PyTorch")
+    _add_export_arguments(export)
+    export.set_defaults(handler=_export)
+
+    build = commands.add_parser("build", help="build every model x precision of a build file (kiln.yaml / .toml)")
+    build.add_argument("file", type=Path)
+    build.add_argument("--dry-run", action="store_true", help="print the plan (what is built, what is cached)")
+    build.add_argument("--jobs", type=int, help="builds run in parallel (default: the file's jobs, else 1)")
+    build.add_argument("--no-cache", action="store_true", help="build every stage, ignoring the stage cache")
+    build.set_defaults(handler=_build)
+
+    verify = commands.add_parser("verify", help="check an output's files and rerun its parity gates")
+    verify.add_argument("output", type=Path)
+    verify.set_defaults(handler=_verify)
+
+    generate = commands.add_parser("generate", help="generate text with a built engine")
+    generate.add_argument("output", type=Path)
+    generate.add_argument("--target", help="which built target to run; default: the first in the manifest")
+    _add_generation_options(generate)
+    generate.set_defaults(handler=_generate)
+
+    pack = commands.add_parser("pack", help="pack a built output into one verifiable bundle file")
+    pack.add_argument("output", type=Path)
+    pack.add_argument("-o", "--bundle", required=True, type=Path, help="bundle file to write (NAME.kiln.tar)")
+    pack.add_argument("--target", action="append", dest="targets", help="target to include (repeatable); "
+                                                                       "default: every compiled target")
+    pack.set_defaults(handler=_pack)
+
+    run = commands.add_parser("run", help="verify a bundle, then generate with only the target's runtime")
+    run.add_argument("bundle", type=Path)
+    run.add_argument("--target", help="which target of the bundle to run; default: the first this machine runs")
+    _add_generation_options(run)
+    run.set_defaults(handler=_run)
+
+    for sub in (export, build, verify, generate, pack, run):
+        sub.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    verify.add_argument("--decode-steps", type=int, default=ParitySettings.decode_steps,
+                        help="decode steps compared after the prefill")
+    verify.add_argument("--logits-rel", type=float, default=None,
+                        help="max |logit diff| allowed, relative to max |logit| (default: what the build was held to)")
+    return parser
+
+
+def _add_export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument("model", help="'reference', 'preset:gpt2', a local model directory or a Hugging Face id")
     export.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
     export.add_argument("--target", action="append", dest="targets",
                         help="target to build (repeatable); default: every target available here")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    export.add_argument("--no-cache", action="store_true", help="build every stage, ignoring the stage cache")
     export.add_argument("--opset", type=int, default=BuildConfig.opset,
                         help="ONNX opset (>= 18; default %(default)s; int4 raises it to 21)")
     export.add_argument("--threads", type=int, default=0,
@@ -62,33 +108,28 @@ def _parser() -> argparse.ArgumentParser:
                         help="OpenVINO performance hint (default latency)")
     _add_quantization_options(export)
     _add_engine_options(export)
-    export.set_defaults(handler=_export)
+    export.add_argument("--decode-steps", type=int, default=ParitySettings.decode_steps,
+                        help="decode steps compared after the prefill")
+    export.add_argument("--logits-rel", type=float, default=None,
+                        help=f"max |logit diff| allowed, relative to max |logit| (export default "
+                             f"{Tolerances.logits_rel:g}; verify default: what the build was held to)")
 
-    verify = commands.add_parser("verify", help="check an output's files and rerun its parity gates")
-    verify.add_argument("output", type=Path)
-    verify.set_defaults(handler=_verify)
 
-    generate = commands.add_parser("generate", help="generate text with a built engine")
-    generate.add_argument("output", type=Path)
-    generate.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    generate.add_argument("--target", help="which built target to run; default: the first in the manifest")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
-    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.set_defaults(handler=_generate)
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
 
-    for sub in (export, verify, generate):
-        sub.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    for sub in (export, verify):
-        sub.add_argument("--decode-steps", type=int, default=ParitySettings.decode_steps,
-                         help="decode steps compared after the prefill")
-        sub.add_argument("--logits-rel", type=float, default=None,
-                         help=f"max |logit diff| allowed, relative to max |logit| (export default "
-                              f"{Tolerances.logits_rel:g}; verify default: what the build was held to)")
-    return parser
+
+def export_options() -> dict[str, argparse.Action]:
+    """The options of `gptkiln export` by destination name (a build file's `options` use the same)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_export_arguments(parser)
+    return {action.dest: action for action in parser._actions if action.option_strings}
 
 
 def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +181,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="let later TensorRT 10.x releases load the engine")
 
 
-def _engine_settings(args) -> EngineSettings:  # checked by the TensorRT target before any work
+def engine_settings(args) -> EngineSettings:  # checked by the TensorRT target before any work
     return EngineSettings(max_batch=args.trt_max_batch, opt_batch=args.trt_opt_batch, max_seq=args.trt_max_seq,
                           opt_prompt=args.trt_opt_prompt, hardware_compatibility=args.trt_hardware_compat,
                           version_compatible=args.trt_version_compatible)
@@ -182,10 +223,11 @@ def _tolerances(args) -> tuple[Tolerances | None, ParitySettings]:
     return tolerances, ParitySettings(decode_steps=args.decode_steps)
 
 
-def _export(args):
-    from gptkiln.pipeline import Progress, build
+def export_config(values: dict) -> BuildConfig:
+    """The BuildConfig of `gptkiln export` option values (the command line's, or a build file's over the defaults)."""
     from gptkiln.targets import TARGETS, available_targets, get_target
 
+    args = argparse.Namespace(**{**{dest: a.default for dest, a in export_options().items()}, **values})
     if args.threads < 0:
         raise UsageError(f"--threads must be >= 0, got {args.threads}", "pass a thread count, or 0 for every core")
     if args.opset < 18:
@@ -197,13 +239,37 @@ def _export(args):
         able = [name for name, target in TARGETS.items() if precision in target.precisions]
         raise TargetUnavailableError(f"no target runtime installed here runs {precision.value} builds",
                                      f"name a target with --target ({', '.join(able)}), or install its runtime")
-    config = BuildConfig(model=args.model, output=args.output, targets=tuple(targets), precision=precision,
-                         quant=_quant_settings(args), opset=args.opset, force=args.force,
-                         runtime=RuntimeSettings(threads=args.threads, performance_hint=args.performance_hint.upper()),
-                         engine=_engine_settings(args), parity=parity,
-                         tolerances=tolerances or (Tolerances.half() if precision.half else Tolerances()))
-    result = build(config, Progress(enabled=True))
+    return BuildConfig(model=args.model, output=Path(args.output), targets=tuple(targets), precision=precision,
+                       quant=_quant_settings(args), opset=args.opset, force=args.force, cache=not args.no_cache,
+                       runtime=RuntimeSettings(threads=args.threads, performance_hint=args.performance_hint.upper()),
+                       engine=engine_settings(args), parity=parity,
+                       tolerances=tolerances or (Tolerances.half() if precision.half else Tolerances()))
+
+
+def _export(args):
+    from gptkiln.pipeline import Progress, build
+
+    result = build(export_config(vars(args)), Progress(enabled=True))
     return result.to_dict(), _summary(result)
+
+
+def _build(args):
+    from gptkiln.build_file import read_build_file
+    from gptkiln.matrix import dry_run, matrix_summary, plan_summary, run_matrix
+
+    build_file = read_build_file(args.file)
+    if args.no_cache:
+        build_file.builds = [replace(b, config=replace(b.config, cache=False)) for b in build_file.builds]
+    if args.dry_run:
+        plan = dry_run(build_file.builds)
+        return {"plan": plan}, plan_summary(plan)
+    jobs = args.jobs or build_file.jobs
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}", "pass a positive count")
+    outcomes = run_matrix(build_file.builds, jobs)
+    failed = [o for o in outcomes if not o["ok"]]
+    return ({"builds": outcomes, "exit_code": failed[0]["error"]["exit_code"] if failed else 0},
+            matrix_summary(outcomes))
 
 
 def _verify(args):
@@ -215,10 +281,36 @@ def _verify(args):
 
 
 def _generate(args):
-    from gptkiln.runtime.generate import GenerationConfig
     from gptkiln.runtime.session import open_output
 
-    session = open_output(args.output, args.target)
+    return _complete(open_output(args.output, args.target), args)
+
+
+def _pack(args):
+    from gptkiln.bundle import pack
+
+    body = pack(args.output, args.bundle, args.targets)
+    size = args.bundle.stat().st_size
+    lines = [f"bundle  {args.bundle} ({size / 1e6:.1f} MB, {len(body['files'])} files + bundle.json)"]
+    lines += [f"target  {name}: needs {t['requires']['runtime']} >= {t['requires']['minimum_version']} "
+              f"on {t['requires']['device']}; gate {'PASS' if t['gate']['passed'] else 'FAIL'}"
+              for name, t in body["targets"].items()]
+    return {"bundle": str(args.bundle), "bytes": size, "manifest": body}, "\n".join(lines)
+
+
+def _run(args):
+    from gptkiln.bundle import open_bundle
+
+    opened = open_bundle(args.bundle, args.target)
+    try:
+        return _complete(opened.session(), args)
+    finally:
+        opened.close()
+
+
+def _complete(session, args):
+    from gptkiln.runtime.generate import GenerationConfig
+
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     texts = session.complete(args.prompt, config)

@@ -146,3 +146,8 @@ class BuildConfig:
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)
     parity: ParitySettings = field(default_factory=ParitySettings)
+    runtime_overrides: dict[str, RuntimeSettings] = field(default_factory=dict)  # target name -> its own settings
+    cache: bool = True  # reuse stages from the stage cache (gptkiln.stage_cache)
+
+    def runtime_for(self, target: str) -> RuntimeSettings:
+        return self.runtime_overrides.get(target, self.runtime)

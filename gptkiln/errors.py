@@ -80,3 +80,15 @@ class CalibrationError(GptkilnError):
     """Calibration or evaluation data cannot be used: missing, empty, binary, not UTF-8, too short."""
 
     exit_code = 11
+
+
+class ConfigError(GptkilnError):
+    """A build file is malformed: unknown key, wrong type, bad value; the message names the file and line."""
+
+    exit_code = 12
+
+
+class BundleError(GptkilnError):
+    """A bundle was refused before loading: a file that does not match, a path that escapes the bundle."""
+
+    exit_code = 13

@@ -37,9 +37,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_hashes(root: Path) -> dict[str, str]:
+def file_hashes(root: Path, exclude: str = MANIFEST) -> dict[str, str]:
+    """sha256 of every file below root (by its relative POSIX path), but the top-level `exclude`."""
     return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() != exclude}
 
 
 def write_manifest(root: Path, body: dict) -> dict:

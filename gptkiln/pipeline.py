@@ -1,51 +1,56 @@
 """build(config) -> BuildResult: load, export, compile and prove each target, publish atomically.
 
-The build happens in a hidden sibling directory of the output; only when every target has
-passed its parity gate is the manifest written (last) and the directory renamed into place.
-A failed or interrupted build leaves no output directory behind.
+Every stage (export, quantize, half, each target's compile + parity) is looked up in the stage
+cache by its key (build_plan.py) and built only when absent; a build whose output already holds
+the same build key and verified files is up to date and does nothing. The output is assembled
+in a hidden sibling directory; only when every target has passed its gate is the manifest
+written (last) and the directory renamed into place. A failed or interrupted build leaves no
+output directory behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptkiln.build_plan import BuildPlan, plan_build
+from gptkiln.cache import cache_root
+from gptkiln.calibration.build_inputs import QuantInputs, quantize_stage, read_quant_inputs
 from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation, accuracy_failures
-from gptkiln.config import (AccuracyBudget, BuildConfig, Int4Method, ParitySettings, Precision, QuantSettings,
-                            Tolerances)
-from gptkiln.errors import (ArtifactError, ExportError, GptkilnError, OutputError, ParityError, TargetUnavailableError,
-                            UsageError)
+from gptkiln.config import AccuracyBudget, BuildConfig, ParitySettings, Precision, Tolerances
+from gptkiln.errors import ArtifactError, ExportError, GptkilnError, ParityError, TargetUnavailableError
 from gptkiln.exporter import io_spec
-from gptkiln.exporter.to_onnx import MODEL_FILE
+from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.manifest import MANIFEST, read_manifest, tool_versions, write_manifest
 from gptkiln.models.loading import LoadedModel, load_model
 from gptkiln.models.spec import DecoderSpec
+from gptkiln.output_dir import check_output, make_work_dir, publish
 from gptkiln.parity import ParityReport, consistency_gate, gate, parity_prompts, run_parity
-from gptkiln.targets import get_target
+from gptkiln.stage_cache import ENTRY, Entry, StageCache
+from gptkiln.targets import Target, get_target
 
-EXPORT_DIR = "_export"  # inside the build directory; removed before publishing
-QUANT_DIR = "_quantize"  # likewise: the prepared, smoothed and trial graphs
-HALF_DIR = "_half"  # likewise: the fp16 / bf16 graph
-INT4_MIN_OPSET = 21  # blocked DequantizeLinear
+STAGES_DIR = "_stages"  # inside the build directory: stages built without a cache; removed before publishing
+TOKENIZER_DIR = "tokenizer"  # inside the export stage: the tokenizer files every output gets
 
 
 class Progress:
     """Stage lines on stderr; a failure names the stage and the stages that finished before it."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, prefix: str = ""):
         self.enabled = enabled
+        self.prefix = prefix  # e.g. the build's name in a matrix, where lines of builds interleave
         self.finished: list[str] = []
         self.seconds: dict[str, float] = {}
+        self.cached: list[str] = []  # stages taken from the stage cache
 
     def say(self, message: str) -> None:
         if self.enabled:
-            print(message, file=sys.stderr, flush=True)
+            print(f"{self.prefix}{message}", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -61,7 +66,13 @@ class Progress:
                               "rerun with GPTKILN_DEBUG=1 for the traceback and report it") from exc
         self.seconds[name] = round(time.perf_counter() - started, 2)
         self.finished.append(name)
-        self.say(f"    {name}: done in {self.seconds[name]:.1f}s")
+        how = "cached" if name in self.cached else "done"
+        self.say(f"    {name}: {how} in {self.seconds[name]:.1f}s")
+
+    def cached_stage(self, name: str, entry: Entry) -> Entry:
+        if entry.hit:
+            self.cached.append(name)
+        return entry
 
 
 @dataclass
@@ -82,6 +93,11 @@ class TargetResult:
                 "accuracy": self.accuracy.to_dict() if self.accuracy else None,
                 "passed": not self.failures, "failures": self.failures}
 
+    @classmethod
+    def from_dict(cls, name: str, data: dict) -> "TargetResult":
+        return cls(name, data["settings"], data["parity"] and ParityReport.from_dict(data["parity"]),
+                   data["failures"], data["accuracy"] and AccuracyReport.from_dict(data["accuracy"]))
+
 
 @dataclass
 class BuildResult:
@@ -94,6 +110,9 @@ class BuildResult:
     half: dict | None = None  # fp16 / bf16 builds: gptkiln.graph.half's report
     targets: list[TargetResult] = field(default_factory=list)
     stage_seconds: dict = field(default_factory=dict)
+    cached_stages: list[str] = field(default_factory=list)
+    up_to_date: bool = False  # the output already held this build: nothing was done
+    plan: BuildPlan | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,68 +122,158 @@ class BuildResult:
         return {"ok": self.ok, "output": str(self.output), "model": self.model, "spec": self.spec.to_dict(),
                 "export": self.export, "precision": self.precision.value, "quantization": self.quantization,
                 "half": self.half, "targets": {t.name: t.to_dict() for t in self.targets},
-                "stage_seconds": self.stage_seconds}
+                "stage_seconds": self.stage_seconds, "cached_stages": self.cached_stages,
+                "up_to_date": self.up_to_date, "build_key": self.plan.key if self.plan else None}
+
+
+def prepare_build(config: BuildConfig) -> tuple[list[Target], QuantInputs | None, BuildPlan]:
+    """Everything that is checked and keyed before any work: the targets, the texts, the plan."""
+    if not config.targets:
+        raise TargetUnavailableError("no target to build: no target runtime is installed here",
+                                     "pip install onnxruntime, or name a target with --target")
+    targets = [get_target(name, config.runtime_for(name), config.engine) for name in config.targets]
+    for target in targets:
+        target.check_build(config)
+    inputs = read_quant_inputs(config)
+    return targets, inputs, plan_build(config, targets, inputs.texts() if inputs else {})
 
 
 def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     progress = progress or Progress(enabled=False)
-    if not config.targets:
-        raise TargetUnavailableError("no target to build: no target runtime is installed here",
-                                     "pip install onnxruntime, or name a target with --target")
-    targets = [get_target(name, config.runtime, config.engine) for name in config.targets]
-    for target in targets:
-        target.check_build(config)
-    inputs = _read_quant_inputs(config)
+    targets, inputs, plan = prepare_build(config)
     output = config.output.expanduser().resolve()
-    _check_output(output, config.force)
-    work = _make_work_dir(output)
+    current = up_to_date(output, plan)
+    if current is not None:
+        progress.say(f"up to date: {output} holds this build (key {plan.key[:12]}); nothing to do")
+        return current
+    check_output(output, config.force)
+    cache = StageCache(cache_root() / "stages" if config.cache else None)
+    work = make_work_dir(output)
     try:
-        with progress.stage(f"load {config.model}"):
-            loaded = load_model(config.model)
-        opset = max(config.opset, INT4_MIN_OPSET) if config.precision is Precision.INT4 else config.opset
-        with progress.stage("export to ONNX"):
-            exported = _export(loaded, work / EXPORT_DIR, opset)
-        result = BuildResult(output, loaded.source, loaded.spec, exported, config.precision)
-        reference = _reference_runner(loaded)
-        compile_input, evaluation = work / EXPORT_DIR / MODEL_FILE, None
+        state = _BuildState(config, plan, cache, work / STAGES_DIR, progress, inputs)
+        exported = state.stage("export to ONNX", "export", plan.export, state.export)
+        result = BuildResult(output, plan.source, DecoderSpec(**exported.record["spec"]), exported.record["export"],
+                             config.precision, plan=plan)
+        graph = exported
         if config.precision.quantized:
-            with progress.stage("score the fp32 model on the evaluation text"):
-                evaluation = Evaluation.prepare(loaded, inputs.eval_text, config.quant.eval_tokens)
-            with progress.stage(f"quantize {config.precision.value}"):
-                quantized = _quantize(loaded, compile_input, work / QUANT_DIR, config, inputs, evaluation, progress)
-            result.quantization = quantized.to_dict()
-            compile_input = quantized.path
+            graph = state.stage(f"quantize {config.precision.value}", "quantize", plan.quantize, state.quantize(graph))
+            result.quantization = graph.record
         if config.precision.half:
-            with progress.stage(f"convert to {config.precision.value}"):
-                result.half = _to_half(compile_input, work / HALF_DIR / MODEL_FILE, config.precision).to_dict()
-            compile_input = work / HALF_DIR / MODEL_FILE
-        budget = config.quant.budget_for(config.precision)
+            graph = state.stage(f"convert to {config.precision.value}", "half", plan.half, state.to_half(graph))
+            result.half = graph.record
         for target in targets:
-            with progress.stage(f"compile {target.name}"):
-                settings = target.compile(compile_input, work / target.name, loaded.spec)
-            _warn_short_fusions(progress, target.name, settings["fusion"])
-            if not settings.get("compiled", True):
-                progress.say(f"    {target.name}: prepared, not compiled here: {'; '.join(settings['missing'])}")
-                result.targets.append(TargetResult(target.name, settings, None, []))
-                continue
-            with progress.stage(f"parity {target.name}"):
-                runner = target.load(work / target.name, loaded.spec)
-                report = run_parity(runner, reference, parity_prompts(loaded.tokenizer), config.parity)
-                accuracy = evaluation.measure(runner) if evaluation else None
-            failures = _gate(config.precision, report, accuracy, config.tolerances, budget)
-            result.targets.append(TargetResult(target.name, settings, report, failures, accuracy))
-        result.stage_seconds = progress.seconds
+            entry = state.stage(f"{target.name}: compile and prove", f"target-{target.name}", plan.targets[target.name],
+                                state.compile_and_prove(target, graph.path / MODEL_FILE, result.spec))
+            outcome = TargetResult.from_dict(target.name, entry.record)
+            if not outcome.compiled:
+                progress.say(f"    {target.name}: prepared, not compiled here: {'; '.join(outcome.settings['missing'])}")
+            result.targets.append(outcome)
+            shutil.copytree(entry.path, work / target.name, ignore=shutil.ignore_patterns(ENTRY))
+        result.stage_seconds, result.cached_stages = progress.seconds, progress.cached
         _raise_if_failed(result)
-        shutil.rmtree(work / EXPORT_DIR)
-        shutil.rmtree(work / QUANT_DIR, ignore_errors=True)
-        shutil.rmtree(work / HALF_DIR, ignore_errors=True)
-        loaded.tokenizer.save_pretrained(work)
+        for file in (exported.path / TOKENIZER_DIR).iterdir():
+            shutil.copy(file, work / file.name)
+        shutil.rmtree(work / STAGES_DIR, ignore_errors=True)
         write_manifest(work, _manifest_body(config, result))
-        _publish(work, output, config.force)
+        publish(work, output, config.force)
         return result
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+class _BuildState:
+    """One build's stages. The model, its reference runner and the fp32 evaluation are made on
+    first use, so a build whose stages are all cached never loads PyTorch weights."""
+
+    def __init__(self, config: BuildConfig, plan: BuildPlan, cache: StageCache, scratch: Path, progress: Progress,
+                 inputs: QuantInputs | None):
+        self.config, self.plan, self.cache, self.scratch = config, plan, cache, scratch
+        self.progress, self.inputs = progress, inputs
+
+    def stage(self, name: str, stage: str, key: str, produce) -> Entry:
+        with self.progress.stage(name):
+            return self.progress.cached_stage(name, self.cache.get_or_build(stage, key, produce, self.scratch / stage))
+
+    @functools.cached_property
+    def loaded(self) -> LoadedModel:
+        self.progress.say(f"    load {self.config.model}")
+        return load_model(self.config.model)
+
+    @functools.cached_property
+    def reference(self):
+        return _reference_runner(self.loaded)
+
+    @functools.cached_property
+    def evaluation(self) -> Evaluation:
+        self.progress.say("    score the fp32 model on the evaluation text")
+        return Evaluation.prepare(self.loaded, self.inputs.eval_text, self.config.quant.eval_tokens)
+
+    def export(self, directory: Path) -> dict:
+        from gptkiln.exporter.to_onnx import export_onnx
+
+        exported = export_onnx(self.loaded, directory, self.plan.opset)
+        self.loaded.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+        return {"export": {"opset": self.plan.opset, "nodes": exported.node_count, "op_counts": exported.op_counts},
+                "spec": self.loaded.spec.to_dict()}
+
+    def quantize(self, exported: Entry):
+        def produce(directory: Path) -> dict:
+            evaluation = self.evaluation
+            quantized = quantize_stage(self.loaded, exported.path / MODEL_FILE, self.scratch / "quantize-work",
+                                       self.config, self.inputs, evaluation, self.progress.say)
+            for name in (MODEL_FILE, DATA_FILE):
+                shutil.move(quantized.path.parent / name, directory / name)
+            shutil.rmtree(self.scratch / "quantize-work")
+            record = quantized.to_dict()
+            record.pop("statistics_cached")  # how this run went, not what was built
+            return record
+        return produce
+
+    def to_half(self, graph: Entry):
+        def produce(directory: Path) -> dict:
+            from gptkiln.graph.half import convert_file
+
+            return convert_file(graph.path / MODEL_FILE, directory / MODEL_FILE, self.config.precision.value).to_dict()
+        return produce
+
+    def compile_and_prove(self, target: Target, graph: Path, spec: DecoderSpec):
+        """The target's engine files and its TargetResult (a failed gate is a result too: it is cached)."""
+        def produce(directory: Path) -> dict:
+            settings = target.compile(graph, directory, spec)
+            _warn_short_fusions(self.progress, target.name, settings["fusion"])
+            if not settings.get("compiled", True):
+                return TargetResult(target.name, settings, None, []).to_dict()
+            evaluation = self.evaluation if self.config.precision.quantized else None
+            runner = target.load(directory, spec)
+            report = run_parity(runner, self.reference, parity_prompts(self.loaded.tokenizer), self.config.parity)
+            accuracy = evaluation.measure(runner) if evaluation else None
+            failures = _gate(self.config.precision, report, accuracy, self.config.tolerances,
+                             self.config.quant.budget_for(self.config.precision))
+            return TargetResult(target.name, settings, report, failures, accuracy).to_dict()
+        return produce
+
+
+def up_to_date(output: Path, plan: BuildPlan) -> BuildResult | None:
+    """The output's result when it holds exactly this build (same key, every file as written)."""
+    if not (output / MANIFEST).is_file():
+        return None
+    try:
+        manifest = read_manifest(output)
+    except ArtifactError:
+        return None
+    present = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()} - {MANIFEST}
+    if manifest.get("build", {}).get("key") != plan.key or present != set(manifest["files"]):
+        return None
+    result = result_from_manifest(output, manifest)
+    result.up_to_date, result.plan = True, plan
+    return result
+
+
+def result_from_manifest(output: Path, manifest: dict) -> BuildResult:
+    return BuildResult(output, manifest["model"], DecoderSpec(**manifest["spec"]), manifest["export"],
+                       Precision(manifest["precision"]), manifest.get("quantization"), manifest.get("half"),
+                       [TargetResult.from_dict(name, data) for name, data in manifest["targets"].items()])
 
 
 def verify(output: Path, tolerances: Tolerances | None, settings: ParitySettings,
@@ -216,64 +325,6 @@ def _gate(precision: Precision, report: ParityReport, accuracy: AccuracyReport |
     return accuracy_failures(accuracy, budget) + consistency_gate(report, budget.min_padded_top1_agreement)
 
 
-def needs_calibration(precision: Precision, quant: QuantSettings) -> bool:
-    return precision is Precision.W8A8 or (precision is Precision.INT4 and quant.int4_method is Int4Method.GPTQ)
-
-
-@dataclass
-class QuantInputs:
-    """The texts a quantized build reads, read (and so checked) before any work is done."""
-
-    calibration: list[str] | None
-    eval_text: EvalText
-
-
-def _read_quant_inputs(config: BuildConfig) -> QuantInputs | None:
-    """Refuse a quantized build that cannot be calibrated or evaluated before any work is done."""
-    from gptkiln.calibration.data import read_texts
-
-    quant = config.quant
-    if not config.precision.quantized:
-        return None
-    calibration = None
-    if needs_calibration(config.precision, quant):
-        if quant.calibration.path is None:
-            what = "W8A8 (static activation scales)" if config.precision is Precision.W8A8 else "int4 with GPTQ"
-            raise UsageError(f"{what} needs calibration text and none was given",
-                             "pass --calibration PATH (a text file, a JSONL file or a directory of text files)"
-                             + ("; or --int4-method rtn, which needs none" if config.precision is Precision.INT4 else "")
-                             + "; gptkiln never calibrates on random tokens")
-        calibration = read_texts(quant.calibration.path, quant.calibration.jsonl_field)
-    return QuantInputs(calibration, EvalText.read(quant.eval_text))
-
-
-def _quantize(loaded: LoadedModel, exported: Path, directory: Path, config: BuildConfig, inputs: QuantInputs,
-              evaluation: Evaluation, progress: Progress):
-    """The exported graph, prepared and quantized; the targets' fusions run on the result."""
-    from gptkiln.calibration.data import calibration_set
-    from gptkiln.calibration.quantize import prepare, quantize
-    from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
-
-    prepared = directory / "prepared" / MODEL_FILE
-    prepare(exported, prepared, loaded.spec)
-    quant = config.quant
-    calibration = None
-    if inputs.calibration is not None:
-        calibration = calibration_set(inputs.calibration, loaded.tokenizer, quant.calibration, str(quant.calibration.path))
-
-    def evaluate(path: Path) -> AccuracyReport:  # trials run on ONNX Runtime CPU; every target is gated itself
-        return evaluation.measure(OnnxRuntimeRunner(loaded.spec, create_session(path)))
-
-    return quantize(prepared, directory, config.precision, quant, loaded.spec, calibration, evaluate,
-                    quant.budget_for(config.precision), progress.say)
-
-
-def _to_half(source: Path, destination: Path, precision: Precision):
-    from gptkiln.graph.half import convert_file
-
-    return convert_file(source, destination, precision.value)
-
-
 def _warn_short_fusions(progress: Progress, target: str, fusion: dict) -> None:
     """A fusion that fired fewer times than the DecoderSpec says is slower, not wrong: warn, with why."""
     for count in fusion["fusions"]:
@@ -290,43 +341,6 @@ def _raise_if_failed(result: BuildResult) -> None:
                             "do not ship this build; --json output has the full report")
         error.details = result.to_dict()
         raise error
-
-
-def _check_output(output: Path, force: bool) -> None:
-    """Refuse an output we could lose data in: --force replaces only an earlier gptkiln output."""
-    if output.is_file():
-        raise OutputError(f"output '{output}' is a file", "choose a directory path for -o")
-    if not output.is_dir() or not any(output.iterdir()):
-        return
-    if not force:
-        raise OutputError(f"output directory '{output}' exists and is not empty",
-                          "choose another -o, or pass --force to replace an earlier gptkiln output")
-    if output == Path.cwd() or output in Path.cwd().parents:
-        raise OutputError(f"--force would replace '{output}', which holds the current directory",
-                          "choose an output directory below the current one")
-    if not (output / MANIFEST).is_file():
-        raise OutputError(f"'{output}' is not a gptkiln output (no {MANIFEST}); --force replaces only those",
-                          "choose another -o, or empty the directory yourself")
-
-
-def _make_work_dir(output: Path) -> Path:
-    """The hidden sibling the build happens in (same file system, so publishing is a rename)."""
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write next to '{output}': {exc.strerror}",
-                          "choose an -o location you can write to") from None
-    work.chmod(0o755)  # mkdtemp makes it private; the published output is an ordinary directory
-    return work
-
-
-def _export(loaded: LoadedModel, directory: Path, opset: int) -> dict:
-    from gptkiln.exporter.to_onnx import export_onnx
-
-    exported = export_onnx(loaded, directory, opset)
-    return {"opset": opset, "seconds": round(exported.seconds, 2), "nodes": exported.node_count,
-            "op_counts": exported.op_counts}
 
 
 def _reference_runner(loaded: LoadedModel):
@@ -348,23 +362,6 @@ def _manifest_body(config: BuildConfig, result: BuildResult) -> dict:
         "targets": {t.name: t.to_dict() for t in result.targets},
         "tolerances": vars(config.tolerances),
         "versions": tool_versions(),
+        "build": {"key": result.plan.key, "stages": {k: v for k, v in result.plan.to_dict().items()
+                                                     if k not in ("source", "key")}},
     }
-
-
-def _publish(work: Path, output: Path, force: bool) -> None:
-    """Rename the finished build into place. An old output (--force) is moved aside first and
-    deleted only after the rename succeeded; if the rename fails it is moved back."""
-    _check_output(output, force)  # the directory may have changed during the build
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-    try:
-        work.rename(output)
-    except OSError as exc:
-        if old is not None:
-            old.rename(output)
-        raise OutputError(f"cannot move the finished build to '{output}': {exc.strerror}",
-                          "check the permissions of the output location") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -24,7 +24,7 @@ from gptkiln.calibration.smoothquant import Smoothed, smooth
 from gptkiln.calibration.statistics import collect
 from gptkiln.calibration.weight_only import MIN_OPSET, Int4Format, quantize_int4
 from gptkiln.config import AccuracyBudget, ActivationCalibration, Int4Method, Precision, QuantSettings
-from gptkiln.exporter.to_onnx import DATA_FILE, MODEL_FILE
+from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
 
 Evaluator = Callable[[Path], AccuracyReport]

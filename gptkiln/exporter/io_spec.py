@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from gptkiln.models.spec import DecoderSpec
 
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"  # weights always go to external data: one layout for every size
 # Symbolic dimension names written into the ONNX graph.
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "past_sequence+sequence"
 

@@ -11,11 +11,10 @@ import torch
 
 from gptkiln.errors import ExportError
 from gptkiln.exporter import io_spec
+from gptkiln.exporter.io_spec import MODEL_FILE
 from gptkiln.exporter.kv_cache import KVCacheDecoder
 from gptkiln.models.loading import LoadedModel
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"  # weights always go to external data: one layout for every size
 # Example sizes >= 2 so torch.export does not specialise batch, sequence or past to 0/1.
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
 

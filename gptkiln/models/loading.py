@@ -16,6 +16,9 @@ REFERENCE_DIR = Path(__file__).parent / "reference"
 PRESETS = ("reference", "preset:reference", "preset:gpt2")
 GPT2_PRESET_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# what else of a model directory the build depends on (hashed with config.json and the weights)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "generation_config.json")
 
 
 @dataclass
@@ -28,29 +31,43 @@ class LoadedModel:
 
 def load_model(name: str) -> LoadedModel:
     if name in ("reference", "preset:reference"):
-        loaded = _load_directory(REFERENCE_DIR)
-        loaded.source["kind"], loaded.source["name"] = "preset", "reference"
-        return loaded
+        return _load_directory(REFERENCE_DIR, model_source(name))
     if name == "preset:gpt2":
         return _gpt2_preset()
+    source = model_source(name)
+    if source["kind"] == "local":
+        return _load_directory(Path(source["name"]), source)
+    return _load_hub(name, source)
+
+
+def model_source(name: str) -> dict:
+    """{"kind", "name", "sha256"} of a model, from its files and config alone (no weights are loaded):
+    what the manifest records and what the stage cache keys on."""
+    if name in ("reference", "preset:reference"):
+        return {"kind": "preset", "name": "reference", "sha256": _directory_digest(REFERENCE_DIR)}
+    if name == "preset:gpt2":
+        return {"kind": "preset", "name": "preset:gpt2",
+                "sha256": hashlib.sha256(_gpt2_preset_config().to_json_string().encode()
+                                         + f"seed={GPT2_PRESET_SEED}".encode()).hexdigest()}
     if name.startswith("preset:"):
         raise ModelNotFoundError(f"unknown preset '{name}'", f"use one of: {', '.join(PRESETS)}")
     path = Path(name).expanduser()
     if path.exists():
-        return _load_directory(path)
+        return {"kind": "local", "name": str(path.resolve()), "sha256": _directory_digest(path)}
     if _looks_like_path(name):
         raise ModelNotFoundError(
             f"model path '{name}' does not exist",
             "check the path, or give a Hugging Face id such as 'openai-community/gpt2'",
         )
-    return _load_hub(name)
+    return {"kind": "hub", "name": name, "sha256": getattr(_hub_config(name), "_commit_hash", None) or "unknown"}
 
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
-def _load_directory(path: Path) -> LoadedModel:
+def _model_files(path: Path) -> list[Path]:
+    """config.json, the weights and the tokenizer files of a model directory (checked to exist)."""
     if not path.is_dir():
         raise NotAModelError(f"'{path}' is a file, not a model directory",
                              "give the directory that holds config.json and the weights")
@@ -63,54 +80,68 @@ def _load_directory(path: Path) -> LoadedModel:
     if not weights:
         raise NotAModelError(f"'{path}' has a config.json but no weights (*.safetensors / *.bin)",
                              "copy the weight files into the directory, or re-save the model")
+    tokenizer = sorted(p for p in path.iterdir() if p.name in TOKENIZER_FILES)
+    return [path / "config.json", *weights, *tokenizer]
+
+
+def _directory_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in _model_files(path):
+        digest.update(file.name.encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def _load_directory(path: Path, source: dict) -> LoadedModel:
+    _model_files(path)
     config = _read_config(str(path))
     spec = decoder_spec(config)
     model = _from_pretrained(str(path), config)
     tokenizer = _load_tokenizer(str(path))
-    digest = hashlib.sha256()
-    for file in [path / "config.json", *weights]:
-        digest.update(file.name.encode())
-        digest.update(sha256_file(file).encode())
-    return LoadedModel(model, tokenizer, spec,
-                       {"kind": "local", "name": str(path.resolve()), "sha256": digest.hexdigest()})
+    return LoadedModel(model, tokenizer, spec, source)
 
 
-def _load_hub(model_id: str) -> LoadedModel:
+def _hub_config(model_id: str):
     try:
-        config = _read_config(model_id)
+        return _read_config(model_id)
     except OSError as exc:
         raise ModelNotFoundError(
             f"could not fetch '{model_id}' from the Hugging Face Hub: {str(exc).splitlines()[0]}",
             "check the id and the network, or download the model and pass its local directory",
         ) from None
+
+
+def _load_hub(model_id: str, source: dict) -> LoadedModel:
+    config = _hub_config(model_id)
     spec = decoder_spec(config)
     try:
         model = _from_pretrained(model_id, config)
     except OSError as exc:  # weights missing from the repo, download interrupted
         raise ModelNotFoundError(f"could not fetch the weights of '{model_id}': {str(exc).splitlines()[0]}",
                                  "check the network, or download the model and pass its local directory") from None
-    tokenizer = _load_tokenizer(model_id)
-    revision = getattr(config, "_commit_hash", None) or "unknown"
-    return LoadedModel(model, tokenizer, spec, {"kind": "hub", "name": model_id, "sha256": revision})
+    return LoadedModel(model, _load_tokenizer(model_id), spec, source)
+
+
+def _gpt2_preset_config():
+    from transformers import GPT2Config
+
+    reference_config = json.loads((REFERENCE_DIR / "config.json").read_text())
+    return GPT2Config(bos_token_id=reference_config["bos_token_id"], eos_token_id=reference_config["eos_token_id"])
 
 
 def _gpt2_preset() -> LoadedModel:
     """GPT-2 small's shape (124M) with seeded random weights and the reference tokenizer: for speed only."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    reference_config = json.loads((REFERENCE_DIR / "config.json").read_text())
-    config = GPT2Config(bos_token_id=reference_config["bos_token_id"],
-                        eos_token_id=reference_config["eos_token_id"])
+    config = _gpt2_preset_config()
     torch.manual_seed(GPT2_PRESET_SEED)
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # GPT-2's init zeroes every bias; real checkpoints have none at zero
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
                 parameter.normal_(0.0, 0.02)
-    digest = hashlib.sha256(config.to_json_string().encode() + f"seed={GPT2_PRESET_SEED}".encode())
-    return LoadedModel(model, _load_tokenizer(str(REFERENCE_DIR)), decoder_spec(config),
-                       {"kind": "preset", "name": "preset:gpt2", "sha256": digest.hexdigest()})
+    return LoadedModel(model, _load_tokenizer(str(REFERENCE_DIR)), decoder_spec(config), model_source("preset:gpt2"))
 
 
 def _read_config(name: str):

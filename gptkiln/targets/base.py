@@ -7,8 +7,11 @@ only pass it back, so a target may keep its cache internally.
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 from abc import ABC, abstractmethod
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,7 @@ class Target(ABC):
     description: str
     fusion_sets: tuple[str, ...]  # which gptkiln.graph fusion sets this runtime can run
     precisions: tuple[Precision, ...] = (Precision.FP32,)  # the graphs it can compile and run
+    runtime_module: str  # the Python module of its runtime, e.g. "onnxruntime"
 
     def __init__(self, runtime: RuntimeSettings | None = None, engine: EngineSettings | None = None):
         self.runtime = runtime or RuntimeSettings()
@@ -53,6 +57,34 @@ class Target(ABC):
         """Refuse, before any work is done, a build this target cannot do here."""
         self.check_available()
         self.check_precision(config.precision)
+
+    def build_settings(self) -> dict:
+        """The settings compile() and load() read: part of this target's stage-cache key."""
+        return {"runtime": asdict(self.runtime)}
+
+    def runtime_version(self) -> str | None:
+        """The installed runtime's version (part of the cache key; a bundle's requirement); None: absent."""
+        try:
+            return importlib.import_module(self.runtime_module).__version__
+        except ImportError:
+            return None
+
+    def requirements(self, settings: dict) -> dict:
+        """What a machine needs to load this build (recorded in a bundle; checked before `gptkiln run` loads it):
+        the runtime at the release it was proven with or newer (major.minor), on a CPU."""
+        built = str(settings.get(self.runtime_module, ""))
+        return {"runtime": self.runtime_module, "minimum_version": ".".join(built.split("-")[0].split(".")[:2]),
+                "device": "cpu"}
+
+    def host_problems(self, requirements: dict) -> list[str]:
+        """Why this machine cannot load a build with these requirements (empty: it can)."""
+        installed, minimum = self.runtime_version(), requirements["minimum_version"]
+        if installed is None:
+            return [f"{self.runtime_module} is not installed (pip install {self.runtime_module})"]
+        if version_tuple(installed) < version_tuple(minimum):
+            return [f"it was proven with {self.runtime_module} {minimum}; this machine has {installed} "
+                    f"(pip install -U '{self.runtime_module}>={minimum}')"]
+        return []
 
     def check_precision(self, precision: Precision) -> None:
         if precision not in self.precisions:
@@ -81,3 +113,8 @@ class Target(ABC):
     @abstractmethod
     def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
         """Load the engine files written by compile()."""
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'2026.4.1-22982-e213a14' -> (2026, 4, 1)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("-")[0].split("+")[0])[:3])

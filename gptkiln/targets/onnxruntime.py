@@ -9,7 +9,7 @@ import numpy as np
 from gptkiln.config import Precision
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
-from gptkiln.exporter.to_onnx import DATA_FILE, MODEL_FILE
+from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 
@@ -63,6 +63,10 @@ class OnnxRuntimeTarget(Target):
     fusion_sets = ("portable", "onnxruntime")
     # bf16: ORT's CPU kernels lack it (no Where, MatMul, ... for bfloat16)
     precisions = (Precision.FP32, Precision.W8A8, Precision.INT8_DYNAMIC, Precision.INT4, Precision.FP16)
+    runtime_module = "onnxruntime"
+
+    def build_settings(self) -> dict:
+        return {"threads": self.runtime.threads}  # ORT has no performance hint
 
     def check_available(self) -> None:
         try:

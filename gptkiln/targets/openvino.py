@@ -13,6 +13,7 @@ precision (u8 by default on CPU).
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,15 @@ def make_stateful(model, spec: DecoderSpec) -> None:
             zero = opset.constant(np.array(0.0, np.float32))
             op.set_arguments([opset.broadcast(zero, opset.concat(dims, 0))])
     model.validate_nodes_and_infer_types()
+
+
+def stable_names(model) -> None:
+    """OpenVINO names the nodes it makes `<Type>_<process-wide counter>` (and a folded constant keeps such a
+    name), so a second build in one process would write a different IR; number them by position instead."""
+    for index, op in enumerate(model.get_ordered_ops()):
+        generated = re.fullmatch(r"([A-Za-z][A-Za-z0-9]*)_\d+", op.get_friendly_name())
+        if generated:
+            op.set_friendly_name(f"{generated.group(1)}_{index}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,7 @@ class OpenVinoTarget(Target):
     # weights (4x the int8 size; slower than fp32 in a side study), so it is refused;
     # w8a8 and int4 stay int8/int4 inside OpenVINO
     precisions = (Precision.FP32, Precision.W8A8, Precision.INT4)
+    runtime_module = "openvino"
     stateful = True
 
     def check_available(self) -> None:
@@ -160,6 +171,7 @@ class OpenVinoTarget(Target):
             except Exception as exc:
                 raise ExportError(f"compile (openvino): conversion failed: {str(exc).splitlines()[0][:300]}",
                                   "report this with the model config") from exc
+            stable_names(converted)
             ov.save_model(converted, str(out_dir / IR_FILE), compress_to_fp16=False)
         self.save_runtime_config(out_dir, compile_config(self.runtime))
         self.load(out_dir, spec)  # fail here, not on the user's device

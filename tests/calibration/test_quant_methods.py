@@ -16,7 +16,7 @@ from gptkiln.calibration.smoothquant import smooth
 from gptkiln.calibration.statistics import HIST_BINS, ActivationStats, collect
 from gptkiln.calibration.weight_only import Int4Format, quantize_gptq, quantize_int4, quantize_rtn
 from gptkiln.config import ActivationCalibration, CalibrationSettings
-from gptkiln.exporter.to_onnx import DATA_FILE
+from gptkiln.exporter.io_spec import DATA_FILE
 from gptkiln.models.loading import load_model
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
 

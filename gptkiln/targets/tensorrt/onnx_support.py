@@ -12,6 +12,7 @@ DOCUMENTED_VERSION = "10.15"
 OPSET_RANGE = (9, 24)
 MIN_VERSION = "10.0"  # ONNX parser with INT64, INT4 and strongly typed networks
 # ops added to the parser after 10.0 (its Changelog): a graph that uses one needs that release
+INT4_BLOCK_SIZES = (64, 128)  # blocked int4 DequantizeLinear (weights)
 ADDED_IN = {"Attention": "10.14", "RMSNormalization": "10.15", "RotaryEmbedding": "10.15", "TensorScatter": "10.15"}
 
 FLOATS = ("FLOAT", "FLOAT16", "BFLOAT16")

@@ -17,14 +17,13 @@ import onnx_ir as ir
 
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.tensorrt.compat import parse_version
-from gptkiln.targets.tensorrt.onnx_support import (ADDED_IN, DOCUMENTED_VERSION, MIN_VERSION, OPSET_RANGE, REPRESENTABLE,
+from gptkiln.targets.tensorrt.onnx_support import (ADDED_IN, INT4_BLOCK_SIZES, DOCUMENTED_VERSION, MIN_VERSION, OPSET_RANGE, REPRESENTABLE,
                                                    SUPPORTED_OPS)
 from gptkiln.targets.tensorrt.profiles import Profile
 
 CONTROL_FLOW = ("If", "Loop", "Scan")
 # the listed types describe the op's output, not its first input
 OUTPUT_TYPED = ("Constant", "ConstantOfShape", "RandomNormal", "RandomUniform", "EyeLike", "Range")
-INT4_BLOCK_SIZES = (64, 128)
 LINEAR_OPS = ("MatMul", "Gemm")
 
 

@@ -9,18 +9,19 @@ with the list of what is missing to finish.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from gptkiln.cache import cache_root
 from gptkiln.config import BuildConfig, Precision
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError, UsageError
-from gptkiln.exporter.to_onnx import DATA_FILE, MODEL_FILE
+from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 from gptkiln.targets.tensorrt.compat import (EngineRequirements, build_problems, compatibility_problems,
                                              parse_version)
 from gptkiln.targets.tensorrt.profiles import Profile, check_settings, derive_profiles
-from gptkiln.targets.tensorrt.readiness import INT4_BLOCK_SIZES, check
+from gptkiln.targets.tensorrt.onnx_support import INT4_BLOCK_SIZES
 
 ENGINE_FILE = "model.engine"
 TRTEXEC_SCRIPT = "build_engine.sh"  # the same engine build with NVIDIA's trtexec
@@ -57,6 +58,24 @@ class TensorRTTarget(Target):
     fusion_sets = ("portable",)
     # int8-dynamic: TensorRT has no MatMulInteger/DynamicQuantizeLinear; W8A8 and int4 are explicit Q/DQ
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.W8A8, Precision.INT4)
+    runtime_module = "tensorrt"
+
+    def build_settings(self) -> dict:
+        return {"engine": asdict(self.engine)}
+
+    def requirements(self, settings: dict) -> dict:
+        return {"runtime": self.runtime_module, "minimum_version": settings["requires"]["tensorrt"],
+                "device": "cuda", "engine": settings["requires"]}
+
+    def host_problems(self, requirements: dict) -> list[str]:
+        """TensorRT, torch with CUDA and a GPU, then the engine's version and compute-capability rules."""
+        missing = host_missing(requirements["minimum_version"])
+        if missing:
+            return missing
+        import tensorrt as trt
+
+        return compatibility_problems(EngineRequirements(**requirements["engine"]), trt.__version__,
+                                      compute_capability())
 
     def check_available(self) -> None:
         missing = host_missing()
@@ -77,11 +96,12 @@ class TensorRTTarget(Target):
         import onnx_ir as ir
 
         from gptkiln.graph import optimize
+        from gptkiln.targets.tensorrt.readiness import check as readiness_check
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
         profiles = derive_profiles(spec, self.engine)
-        readiness = check(model, spec, profiles)
+        readiness = readiness_check(model, spec, profiles)
         if not readiness.ready:
             raise ExportError(f"the graph is not ready for TensorRT ({len(readiness.problems)} problem(s)):\n    "
                               + "\n    ".join(readiness.problems),

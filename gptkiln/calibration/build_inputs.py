@@ -1,0 +1,69 @@
+"""What a quantized build reads (calibration and evaluation text, checked before any work) and
+the quantize stage itself: the exported graph prepared, calibrated and quantized, gated by accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation
+from gptkiln.config import BuildConfig, Int4Method, Precision, QuantSettings
+from gptkiln.errors import UsageError
+from gptkiln.exporter.io_spec import MODEL_FILE
+from gptkiln.models.loading import LoadedModel
+
+
+def needs_calibration(precision: Precision, quant: QuantSettings) -> bool:
+    return precision is Precision.W8A8 or (precision is Precision.INT4 and quant.int4_method is Int4Method.GPTQ)
+
+
+@dataclass
+class QuantInputs:
+    """The texts a quantized build reads, read (and so checked) before any work is done."""
+
+    calibration: list[str] | None
+    eval_text: EvalText
+
+    def texts(self) -> dict[str, list[str] | None]:
+        return {"calibration": self.calibration, "eval_text": self.eval_text.texts}
+
+
+def read_quant_inputs(config: BuildConfig) -> QuantInputs | None:
+    """Refuse a quantized build that cannot be calibrated or evaluated before any work is done."""
+    from gptkiln.calibration.data import read_texts
+
+    quant = config.quant
+    if not config.precision.quantized:
+        return None
+    calibration = None
+    if needs_calibration(config.precision, quant):
+        if quant.calibration.path is None:
+            what = "W8A8 (static activation scales)" if config.precision is Precision.W8A8 else "int4 with GPTQ"
+            raise UsageError(f"{what} needs calibration text and none was given",
+                             "pass --calibration PATH (a text file, a JSONL file or a directory of text files)"
+                             + ("; or --int4-method rtn, which needs none" if config.precision is Precision.INT4 else "")
+                             + "; gptkiln never calibrates on random tokens")
+        calibration = read_texts(quant.calibration.path, quant.calibration.jsonl_field)
+    return QuantInputs(calibration, EvalText.read(quant.eval_text))
+
+
+def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config: BuildConfig, inputs: QuantInputs,
+              evaluation: Evaluation, say: Callable[[str], None]):
+    """The exported graph, prepared and quantized; the targets' fusions run on the result."""
+    from gptkiln.calibration.data import calibration_set
+    from gptkiln.calibration.quantize import prepare, quantize
+    from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
+
+    prepared = directory / "prepared" / MODEL_FILE
+    prepare(exported, prepared, loaded.spec)
+    quant = config.quant
+    calibration = None
+    if inputs.calibration is not None:
+        calibration = calibration_set(inputs.calibration, loaded.tokenizer, quant.calibration, str(quant.calibration.path))
+
+    def evaluate(path: Path) -> AccuracyReport:  # trials run on ONNX Runtime CPU; every target is gated itself
+        return evaluation.measure(OnnxRuntimeRunner(loaded.spec, create_session(path)))
+
+    return quantize(prepared, directory, config.precision, quant, loaded.spec, calibration, evaluate,
+                    quant.budget_for(config.precision), say)

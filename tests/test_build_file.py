@@ -1,0 +1,129 @@
+"""`gptkiln build FILE`: the file is checked with line numbers; the matrix builds, caches and rebuilds only what changed."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from gptkiln.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ("output: out\nmodels: [reference]\nprecision: [fp32]\n", ":3", "unknown key 'precision'"),
+    ("output: out\nmodels: [reference]\njobs: two\n", ":3", "'jobs' must be an integer"),
+    ("output: out\nmodels: [reference]\noptions:\n  calibration-samples: 8\n  int4-mehtod: rtn\n", ":5",
+     "unknown option 'int4-mehtod'"),
+    ("output: out\nmodels: [reference]\noptions:\n  int4-method: best\n", ":4", "use one of: rtn, gptq"),
+    ("output: out\nmodels: [reference]\nprecisions:\n  - fp32\n  - int3\n", ":5", "'precisions.1' is 'int3'"),
+    ("output: out\nmodels: [reference]\ntarget_options:\n  openvino: {threads: 2, hint: fast}\n", ":4",
+     "'hint' is not a per-target setting"),
+    ("output: out\nmodels: [reference]\noptions:\n  smoothquant-alpha: 2.0\n", "", "--smoothquant-alpha must be in [0, 1]"),
+    ("models: [reference]\n", "", "the key 'output' is missing"),
+    ("output: out\nmodels: [reference\n", "", "not valid YAML"),
+])
+def test_yaml_mistakes_name_the_key_and_line(tmp_path, capsys, text, where, words):
+    path = write(tmp_path / "kiln.yaml", text)
+    code, _, err = run_cli(capsys, "build", path, "--dry-run")
+    assert code == 12, err
+    assert words in err and f"kiln.yaml{where}" in err and "fix:" in err
+
+
+def test_toml_mistakes_name_the_key_and_line(tmp_path, capsys):
+    path = write(tmp_path / "kiln.toml", """
+        output = "out"
+        models = ["reference"]
+
+        [options]
+        opset = "23"
+    """)
+    code, _, err = run_cli(capsys, "build", path, "--dry-run")
+    assert code == 12 and "kiln.toml:5" in err and "'options.opset' must be an integer" in err
+
+
+def test_matrix_caches_and_rebuilds_only_the_changed_target(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    """Two models built in parallel; a rerun does nothing; a change to one target's settings rebuilds that target only."""
+    monkeypatch.setenv("GPTKILN_CACHE_DIR", str(tmp_path / "cache"))
+    gpt2, llama = tiny_model_dir("gpt2"), tiny_model_dir("llama")
+    file = tmp_path / "kiln.yaml"
+    text = f"""
+        output: out
+        models: [{gpt2}, {llama}]
+        targets: [onnxruntime, openvino]
+        jobs: 2
+        target_options:
+          openvino: {{threads: THREADS}}
+    """
+    write(file, text.replace("THREADS", "1"))
+    code, out, err = run_cli(capsys, "build", file, "--json")
+    first = json.loads(out)
+    assert code == 0 and first["ok"], err
+    assert [b["result"]["cached_stages"] for b in first["builds"]] == [[], []]
+    outputs = [tmp_path / "out" / gpt2.name / "fp32", tmp_path / "out" / llama.name / "fp32"]
+    assert all((o / "manifest.json").is_file() and (o / "openvino" / "model.xml").is_file() for o in outputs)
+    assert json.loads((outputs[0] / "openvino" / "runtime_config.json").read_text())["INFERENCE_NUM_THREADS"] == 1
+
+    code, out, _ = run_cli(capsys, "build", file, "--json")
+    assert code == 0 and all(b["result"]["up_to_date"] for b in json.loads(out)["builds"])
+
+    write(file, text.replace("THREADS", "2"))
+    code, out, _ = run_cli(capsys, "build", file, "--dry-run", "--json")
+    plan = json.loads(out)["plan"]
+    assert plan[0]["stages"] == {"export": "cached", "target-onnxruntime": "cached", "target-openvino": "build"}
+    code, out, _ = run_cli(capsys, "build", file, "--json", "--jobs", "1")
+    rebuilt = json.loads(out)["builds"][0]["result"]
+    assert code == 0 and not rebuilt["up_to_date"]
+    assert rebuilt["cached_stages"] == ["export to ONNX", "onnxruntime: compile and prove"]
+    assert json.loads((outputs[0] / "openvino" / "runtime_config.json").read_text())["INFERENCE_NUM_THREADS"] == 2
+
+
+def test_a_failed_build_does_not_stop_the_others(tmp_path, capsys, tiny_model_dir):
+    file = write(tmp_path / "kiln.yaml", f"""
+        output: out
+        models: [./no-such-model, {tiny_model_dir("gpt2")}]
+        targets: [onnxruntime]
+    """)
+    code, out, err = run_cli(capsys, "build", file, "--json")
+    builds = json.loads(out)["builds"]
+    assert code == 3  # the first failed build's class: model not found
+    assert builds[0]["error"]["type"] == "ModelNotFoundError" and builds[1]["ok"]
+    assert "1 of 2 builds failed" not in out  # the table goes to stdout only without --json
+    code, out, _ = run_cli(capsys, "build", file)
+    assert code == 3 and "1 of 2 builds failed" in out and "PASS" in out
+
+
+def test_rebuild_from_scratch_is_byte_identical(tmp_path, monkeypatch):
+    """Two cold builds (separate caches): the same files, byte for byte, and the same manifest but its timestamp."""
+    from gptkiln.config import BuildConfig, Precision
+    from gptkiln.pipeline import build
+
+    manifests = []
+    for run in ("a", "b"):
+        monkeypatch.setenv("GPTKILN_CACHE_DIR", str(tmp_path / f"cache-{run}"))
+        output = tmp_path / run
+        build(BuildConfig(model="reference", output=output, targets=("onnxruntime", "openvino"),
+                          precision=Precision.INT4, quant=_rtn()))
+        manifest = json.loads((output / "manifest.json").read_text())
+        manifest.pop("created")
+        manifests.append(manifest)
+    assert manifests[0] == manifests[1]  # "files" holds the sha256 of every file
+    assert (tmp_path / "a" / "onnxruntime" / "model.onnx").read_bytes() == \
+        (tmp_path / "b" / "onnxruntime" / "model.onnx").read_bytes()
+
+
+def _rtn():
+    from gptkiln.config import Int4Method, QuantSettings
+
+    return QuantSettings(int4_method=Int4Method.RTN)

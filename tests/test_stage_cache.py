@@ -1,0 +1,70 @@
+"""The stage cache: an entry exists only once complete; damaged entries are rebuilt."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gptkiln.stage_cache import StageCache, stage_key
+
+
+def produce_files(directory):
+    (directory / "a.bin").write_bytes(b"x" * 1000)
+    (directory / "sub").mkdir()
+    (directory / "sub" / "b.txt").write_text("b")
+    return {"made": True}
+
+
+def test_build_then_hit(tmp_path):
+    cache = StageCache(tmp_path)
+    first = cache.get_or_build("export", "k1", produce_files, tmp_path / "scratch")
+    second = cache.get_or_build("export", "k1", lambda d: pytest.fail("must not rebuild"), tmp_path / "scratch")
+    assert (first.hit, second.hit) == (False, True)
+    assert second.record == {"made": True} and (second.path / "sub" / "b.txt").read_text() == "b"
+
+
+def test_a_killed_build_leaves_no_entry_that_looks_complete(tmp_path):
+    """SIGKILL in the middle of a stage (files half written): no entry; the next build redoes the stage."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from gptkiln.stage_cache import StageCache
+        def produce(directory):
+            (directory / "a.bin").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+        StageCache(Path({str(tmp_path)!r})).get_or_build("export", "k1", produce, Path("unused"))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9
+    assert not (tmp_path / "export" / "k1").exists()
+    assert list((tmp_path / "export").glob(".k1.*")), "the killed build's temporary directory is what remains"
+    cache = StageCache(tmp_path)
+    assert not cache.status("export", "k1")
+    rebuilt = cache.get_or_build("export", "k1", produce_files, tmp_path / "scratch")
+    assert rebuilt.hit is False and not list((tmp_path / "export").glob(".k1.*"))
+
+
+def test_an_interrupted_stage_is_removed(tmp_path):
+    def interrupted(directory):
+        (directory / "a.bin").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        StageCache(tmp_path).get_or_build("export", "k1", interrupted, tmp_path / "scratch")
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["k1.lock"]
+
+
+def test_a_damaged_entry_is_rebuilt(tmp_path):
+    cache = StageCache(tmp_path)
+    entry = cache.get_or_build("export", "k1", produce_files, tmp_path / "scratch")
+    (entry.path / "a.bin").write_bytes(b"y" * 1000)
+    again = cache.get_or_build("export", "k1", produce_files, tmp_path / "scratch")
+    assert again.hit is False and (again.path / "a.bin").read_bytes() == b"x" * 1000
+
+
+def test_keys_are_canonical():
+    assert stage_key("a", {"x": 1, "y": 2}) == stage_key("a", {"y": 2, "x": 1})
+    assert stage_key("a", {"x": 1}) != stage_key("a", {"x": 2})
