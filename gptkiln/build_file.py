@@ -83,7 +83,7 @@ def read_build_file(path: Path) -> BuildFile:
         model_arg = str(local) if not model.startswith("preset:") and local.exists() else model
         for precision in precisions:
             builds.append(_matrix_build(where, model, model_arg, precision, targets, options, overrides,
-                                        base / data["output"]))
+                                        (base / data["output"]).resolve()))
     return BuildFile(path, builds, jobs)
 
 

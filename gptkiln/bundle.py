@@ -73,6 +73,7 @@ def pack(output: Path, destination: Path, targets: list[str] | None = None) -> d
             for path in sorted(files):
                 with open(output / path, "rb") as source:
                     _add(tar, path, source)
+        os.chmod(partial, 0o644)  # mkstemp makes it private; a bundle is an ordinary file
         os.replace(partial, destination)
     finally:
         if os.path.exists(partial):
