@@ -76,7 +76,7 @@ def read_build_file(path: Path) -> BuildFile:
                   for i, p in enumerate(data.get("precisions", ["fp32"]))]
     targets = [_choice(where, ("targets", i), t, list(_target_names())) for i, t in enumerate(data.get("targets", []))]
     overrides = _target_options(where, data.get("target_options", {}), actions, targets)
-    models = [_string(where, ("models", i), m) for i, m in enumerate(data["models"])]
+    models = [_expect(where, ("models", i), m, str) for i, m in enumerate(data["models"])]
     builds = []
     for model in models:
         local = (base / model).expanduser()
@@ -178,10 +178,6 @@ def _choice(where, key: tuple, value, allowed: list[str]) -> str:
     if value not in allowed:
         raise ConfigError(f"{where(*key)}: '{'.'.join(map(str, key))}' is {value!r}", f"use one of: {', '.join(allowed)}")
     return value
-
-
-def _string(where, key: tuple, value) -> str:
-    return _expect(where, key, value, str)
 
 
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",

@@ -82,12 +82,14 @@ def pack(output: Path, destination: Path, targets: list[str] | None = None) -> d
 
 
 def _target_entry(target, built: dict) -> dict:
+    from gptkiln.parity import worst_logits_rel
+
     parity = built["parity"]
     return {
         "requires": target.requirements(built["settings"]),
         "settings": {k: v for k, v in built["settings"].items() if k != "fusion"},
         "gate": {"passed": built["passed"], "accuracy": built["accuracy"],
-                 "worst_logits_rel": max(c["rel"] for c in parity["comparisons"] if c["name"].endswith("/logits")),
+                 "worst_logits_rel": worst_logits_rel(parity),
                  "min_top1_agreement": min(c["top1_agreement"] for c in parity["comparisons"]
                                            if c["top1_agreement"] is not None),
                  "greedy_matched": {g["name"]: f"{g['matched']}/{g['tokens']}" for g in parity["greedy"]}},

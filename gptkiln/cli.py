@@ -23,9 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("GPTKILN_DEBUG"):
             raise
         if args.json:
-            print(json.dumps({"ok": False, "error": {
-                "type": type(error).__name__, "cause": error.cause, "fix": error.fix,
-                "exit_code": error.exit_code, "details": error.details}}, indent=2))
+            print(json.dumps({"ok": False, "error": error.to_dict()}, indent=2))
         print(f"gptkiln: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
@@ -321,16 +319,21 @@ def _complete(session, args):
 def _summary(result) -> str:
     compiled = [t for t in result.targets if t.compiled]
     rows = _quantized_rows(result, compiled) if result.precision.quantized else _parity_rows(result, compiled)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    table.insert(1, "  ".join("-" * width for width in widths))
     stages = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.stage_seconds.items())
     fusions = [f"fusion  {t.name}: {_fusion_line(t.settings['fusion'])}" for t in result.targets]
     quantized = [f"quant   {_quant_line(result.quantization)}"] if result.quantization else []
     prepared = [_prepared_lines(t) for t in result.targets if not t.compiled]
     return (f"model   {result.model['name']} ({result.spec.model_type}, {result.spec.num_layers} layers)\n"
             f"output  {result.output}\nstages  {stages}\n" + "\n".join(quantized + fusions) + "\n\n"
-            + ("\n".join(table) if compiled else "") + "".join(prepared))
+            + (text_table(rows) if compiled else "") + "".join(prepared))
+
+
+def text_table(rows: list[tuple]) -> str:
+    """Columns padded to their widest cell, a rule under the header row."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
 
 
 def _prepared_lines(target) -> str:

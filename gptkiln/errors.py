@@ -18,6 +18,11 @@ class GptkilnError(Exception):
         self.cause = cause
         self.fix = fix
 
+    def to_dict(self) -> dict:
+        """The error as --json prints it (for a failed build in a matrix too)."""
+        return {"type": type(self).__name__, "cause": self.cause, "fix": self.fix, "exit_code": self.exit_code,
+                "details": self.details}
+
     def __str__(self) -> str:
         return f"{self.cause}\n  fix: {self.fix}" if self.fix else self.cause
 

@@ -16,7 +16,9 @@ import traceback
 
 from gptkiln.build_file import MatrixBuild
 from gptkiln.cache import cache_root
+from gptkiln.cli import text_table
 from gptkiln.errors import GptkilnError
+from gptkiln.parity import worst_logits_rel
 from gptkiln.stage_cache import StageCache
 
 
@@ -32,7 +34,7 @@ def dry_run(builds: list[MatrixBuild]) -> list[dict]:
         try:
             _, _, keys = prepare_build(item.config)
         except GptkilnError as error:
-            plan.append({**entry, "error": _error(error)})
+            plan.append({**entry, "error": error.to_dict()})
             continue
         stages = {"export": keys.export, "quantize": keys.quantize, "half": keys.half,
                   **{f"target-{name}": key for name, key in keys.targets.items()}}
@@ -76,17 +78,12 @@ def run_one(item: MatrixBuild) -> dict:
     try:
         result = build(item.config, Progress(enabled=True, prefix=f"[{item.name}] "))
     except GptkilnError as error:
-        return {**outcome, "ok": False, "seconds": round(time.perf_counter() - started, 2), "error": _error(error)}
+        return {**outcome, "ok": False, "seconds": round(time.perf_counter() - started, 2), "error": error.to_dict()}
     except Exception as exc:  # a bug in gptkiln: report it with the traceback, keep the other builds
         return {**outcome, "ok": False, "seconds": round(time.perf_counter() - started, 2),
                 "error": {"type": type(exc).__name__, "cause": f"{exc}\n{traceback.format_exc()}",
                           "fix": "report this bug", "exit_code": 1, "details": None}}
     return {**outcome, "ok": True, "seconds": round(time.perf_counter() - started, 2), "result": result.to_dict()}
-
-
-def _error(error: GptkilnError) -> dict:
-    return {"type": type(error).__name__, "cause": error.cause, "fix": error.fix, "exit_code": error.exit_code,
-            "details": error.details}
 
 
 def plan_summary(plan: list[dict]) -> str:
@@ -99,7 +96,7 @@ def plan_summary(plan: list[dict]) -> str:
         else:
             what = ", ".join(f"{stage} {status}" for stage, status in entry["stages"].items())
         rows.append((entry["name"], _targets(entry), what))
-    return _table(rows)
+    return text_table(rows)
 
 
 def matrix_summary(outcomes: list[dict]) -> str:
@@ -118,7 +115,7 @@ def matrix_summary(outcomes: list[dict]) -> str:
     failed = [o for o in outcomes if not o["ok"]]
     tail = (f"\n\n{len(failed)} of {len(outcomes)} builds failed; the first: {failed[0]['name']}:\n"
             f"{failed[0]['error']['cause']}\n  fix: {failed[0]['error']['fix']}" if failed else "")
-    return _table(rows) + tail
+    return text_table(rows) + tail
 
 
 def _gate_line(result: dict) -> str:
@@ -130,18 +127,10 @@ def _gate_line(result: dict) -> str:
         elif target["accuracy"]:
             lines.append(f"{name} ppl {target['accuracy']['ppl_increase_pct']:+.2f}%")
         else:
-            rel = max(c["rel"] for c in target["parity"]["comparisons"] if c["name"].endswith("/logits"))
-            lines.append(f"{name} rel {rel:.1e}")
+            lines.append(f"{name} rel {worst_logits_rel(target['parity']):.1e}")
     return "; ".join(lines)
 
 
 def _targets(entry: dict) -> str:
     skipped = f" (skipped: {', '.join(entry['skipped_targets'])})" if entry["skipped_targets"] else ""
     return ", ".join(entry["targets"]) + skipped
-
-
-def _table(rows: list[tuple]) -> str:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)

@@ -60,6 +60,11 @@ class ParityReport:
         return cls([Comparison(**c) for c in data["comparisons"]], [GreedyMatch(**g) for g in data["greedy"]])
 
 
+def worst_logits_rel(report: dict) -> float:
+    """The largest relative logits difference of a ParityReport.to_dict() (batch 1, padded, padded vs unpadded)."""
+    return max(c["rel"] for c in report["comparisons"] if c["name"].endswith("/logits"))
+
+
 def parity_prompts(tokenizer) -> list[list[int]]:
     prompts = []
     for text, length in zip(PROMPT_TEXTS, PROMPT_LENGTHS):
