@@ -1,6 +1,8 @@
 """Where a decode step's time goes in ONNX Runtime: kernel time per op type, unfused vs fused.
 
     python benchmarks/profile_decode.py [MODEL] [--steps N]     (default: preset:gpt2, 40 steps)
+    python benchmarks/profile_decode.py [MODEL] --onnx NAME=PATH ...   (graphs already built for MODEL,
+                                                                        e.g. a gptkiln onnxruntime engine)
 
 Batch 1, one token on a 128-token cache, 2 threads, ORT_ENABLE_ALL, ORT's own profiler.
 """
@@ -42,20 +44,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?", default="preset:gpt2")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--onnx", nargs="+", metavar="NAME=PATH", help="profile these graphs instead")
     args = parser.parse_args()
     loaded = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        raw = export_onnx(loaded, tmp / "raw", opset=18).path
-        model = ir.load(raw)
-        optimize(model, loaded.spec, ("portable", "onnxruntime"))
-        fused = tmp / "fused.onnx"
-        ir.save(model, fused, external_data="fused.onnx.data")
+        if args.onnx:
+            graphs = [tuple(item.split("=", 1)) for item in args.onnx]
+        else:
+            raw = export_onnx(loaded, tmp / "raw", opset=18).path
+            model = ir.load(raw)
+            optimize(model, loaded.spec, ("portable", "onnxruntime"))
+            fused = tmp / "fused.onnx"
+            ir.save(model, fused, external_data="fused.onnx.data")
+            graphs = [("unfused", raw), ("fused", fused)]
         data = feeds(loaded.spec, 1, PAST)
-        for name, path in (("unfused", raw), ("fused", fused)):
+        for name, path in graphs:
             per_op = kernel_times(path, data, args.steps, tmp / name)
             print(f"{name}: {sum(per_op.values()):.1f} ms of kernels per decode step")
-            for op, ms in per_op.most_common(8):
+            for op, ms in per_op.most_common(10):
                 print(f"    {op:26s} {ms:6.2f} ms")
 
 

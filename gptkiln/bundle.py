@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from gptkiln.errors import ArtifactError, BundleError, TargetUnavailableError, UsageError
-from gptkiln.manifest import read_manifest
+from gptkiln.manifest import BENCHMARK_FILE, read_manifest
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.onnx_external import MalformedOnnx, external_locations
 
@@ -61,7 +61,7 @@ def pack(output: Path, destination: Path, targets: list[str] | None = None) -> d
         "precision": manifest["precision"], "build_key": manifest.get("build", {}).get("key"),
         "versions": manifest["versions"],
         "targets": {name: _target_entry(get_target(name), manifest["targets"][name]) for name in chosen},
-        "benchmark": manifest.get("benchmark"),  # filled by `gptkiln bench` where it has been run
+        "benchmark": _benchmark(output, manifest, chosen),
         "files": files,
     }
     destination = Path(destination)
@@ -79,6 +79,20 @@ def pack(output: Path, destination: Path, targets: list[str] | None = None) -> d
         if os.path.exists(partial):
             os.unlink(partial)
     return body
+
+
+def _benchmark(output: Path, manifest: dict, targets: list[str]) -> dict | None:
+    """What `gptkiln bench` measured of this build on its machine (its rows for `targets` and PyTorch's);
+    None when it has not been run, or was run on an earlier build."""
+    path = output / BENCHMARK_FILE
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    if report.get("build_key") != manifest.get("build", {}).get("key"):
+        return None
+    rows = [{k: v for k, v in row.items() if k != "output"} for row in report["results"]
+            if row["output"] is None or row["name"] in targets]  # the build machine's paths stay there
+    return {"machine": report["machine"], "settings": report["settings"], "results": rows}
 
 
 def _target_entry(target, built: dict) -> dict:

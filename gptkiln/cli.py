@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_generation_options(run)
     run.set_defaults(handler=_run)
 
-    for sub in (export, build, verify, generate, pack, run):
+    bench = commands.add_parser("bench", help="measure every built target and precision against PyTorch eager")
+    _add_bench_arguments(bench)
+    bench.set_defaults(handler=_bench)
+
+    for sub in (export, build, verify, generate, pack, run, bench):
         sub.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     verify.add_argument("--decode-steps", type=int, default=ParitySettings.decode_steps,
                         help="decode steps compared after the prefill")
@@ -111,6 +115,25 @@ def _add_export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument("--logits-rel", type=float, default=None,
                         help=f"max |logit diff| allowed, relative to max |logit| (export default "
                              f"{Tolerances.logits_rel:g}; verify default: what the build was held to)")
+
+
+def _add_bench_arguments(bench: argparse.ArgumentParser) -> None:
+    from gptkiln.bench.measure import BenchSettings, available_cores
+
+    bench.add_argument("source", help="an output directory (or a build file's output root, for every build below "
+                                      "it), or a MODEL: exported first (fp32, every target here)")
+    bench.add_argument("-o", "--output", type=Path, help="with a MODEL: export it here (default: a temporary "
+                                                         "directory, removed afterwards)")
+    bench.add_argument("--threads", type=int, default=available_cores(), help="threads for every runtime and the bandwidth "
+                                                                     "measurement (default: the cores here, %(default)s)")
+    bench.add_argument("--prompt-tokens", type=int, default=BenchSettings.prompt_tokens, help="default %(default)s")
+    bench.add_argument("--new-tokens", type=int, default=BenchSettings.new_tokens, help="default %(default)s")
+    bench.add_argument("--batch", type=int, action="append", dest="batches",
+                       help=f"decode batch size (repeatable; default {' and '.join(map(str, BenchSettings.batches))})")
+    bench.add_argument("--repeats", type=int, default=BenchSettings.repeats, help="default %(default)s")
+    bench.add_argument("--warmup", type=int, default=BenchSettings.warmup, help="default %(default)s")
+    bench.add_argument("--chart", type=Path, help="the PNG chart (default: benchmark.png in the measured directory)")
+    bench.add_argument("--no-chart", action="store_true", help="write no chart")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -304,6 +327,38 @@ def _run(args):
         return _complete(opened.session(), args)
     finally:
         opened.close()
+
+
+def _bench(args):
+    import tempfile
+
+    from gptkiln.bench.measure import BenchSettings
+    from gptkiln.bench.report import chart, summary
+    from gptkiln.bench.run import bench, is_output_root, save
+    from gptkiln.manifest import BENCHMARK_CHART
+    from gptkiln.pipeline import Progress, build
+
+    settings = BenchSettings(threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                             batches=tuple(sorted(set(args.batches or BenchSettings.batches))), repeats=args.repeats,
+                             warmup=args.warmup)
+    settings.validate()  # the options alone, before any work (the model's positions: once it is known)
+    progress = Progress(enabled=True)
+    source = Path(args.source)
+    with tempfile.TemporaryDirectory(prefix="gptkiln-bench-") as scratch:
+        if not is_output_root(source):  # a model: export it first
+            root = args.output or Path(scratch) / "build"
+            build(export_config({"model": args.source, "output": root, "force": args.output is None}), progress)
+        else:
+            root = source
+        report = bench(root, settings, progress)
+        keep = args.output is not None or root == source
+        written = save(report, root) if keep else []
+        chart_path = args.chart or (root / BENCHMARK_CHART if keep else None)
+        if chart_path and not args.no_chart:
+            chart(report, chart_path)
+            written.append(chart_path)
+    lines = [summary(report)] + [f"wrote   {path}" for path in written]
+    return {"benchmark": report, "written": [str(p) for p in written]}, "\n".join(lines)
 
 
 def _complete(session, args):

@@ -15,6 +15,8 @@ from pathlib import Path
 from gptkiln.errors import ArtifactError
 
 MANIFEST = "manifest.json"
+# written by `gptkiln bench` beside the manifest; not part of the build (a rebuild drops them)
+BENCHMARK_FILE, BENCHMARK_CHART = "benchmark.json", "benchmark.png"
 FORMAT = "gptkiln/1"
 VERSIONED_PACKAGES = ("gptkiln", "torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime")
 

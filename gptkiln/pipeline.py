@@ -26,7 +26,7 @@ from gptkiln.config import AccuracyBudget, BuildConfig, ParitySettings, Precisio
 from gptkiln.errors import ArtifactError, ExportError, GptkilnError, ParityError, TargetUnavailableError
 from gptkiln.exporter import io_spec
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
-from gptkiln.manifest import MANIFEST, read_manifest, tool_versions, write_manifest
+from gptkiln.manifest import BENCHMARK_CHART, BENCHMARK_FILE, MANIFEST, read_manifest, tool_versions, write_manifest
 from gptkiln.models.loading import LoadedModel, load_model
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.output_dir import check_output, make_work_dir, publish
@@ -262,7 +262,8 @@ def up_to_date(output: Path, plan: BuildPlan) -> BuildResult | None:
         manifest = read_manifest(output)
     except ArtifactError:
         return None
-    present = {p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()} - {MANIFEST}
+    present = ({p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()}
+               - {MANIFEST, BENCHMARK_FILE, BENCHMARK_CHART})
     if manifest.get("build", {}).get("key") != plan.key or present != set(manifest["files"]):
         return None
     result = result_from_manifest(output, manifest)

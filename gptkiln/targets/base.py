@@ -111,8 +111,8 @@ class Target(ABC):
         (with a "fusion" entry: the FusionReport of the graph this target runs)."""
 
     @abstractmethod
-    def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
-        """Load the engine files written by compile()."""
+    def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:
+        """Load the engine files written by compile() (CPU runtimes: with `threads`; None: as built)."""
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

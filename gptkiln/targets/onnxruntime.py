@@ -94,10 +94,11 @@ class OnnxRuntimeTarget(Target):
                 "providers": providers(), "onnxruntime": ort.__version__,
                 "intra_op_num_threads": self.runtime.threads, "fusion": fusion.to_dict()}
 
-    def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
+    def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:
         self.check_available()
         try:
-            threads = self.read_runtime_config(out_dir, {"intra_op_num_threads": 0})["intra_op_num_threads"]
+            if threads is None:
+                threads = self.read_runtime_config(out_dir, {"intra_op_num_threads": 0})["intra_op_num_threads"]
             session = create_session(out_dir / MODEL_FILE, threads)
         except Exception as exc:  # ORT raises its own exception types
             raise ArtifactError(f"ONNX Runtime cannot load '{out_dir / MODEL_FILE}': {str(exc).splitlines()[0][:300]}",

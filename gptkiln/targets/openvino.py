@@ -178,11 +178,13 @@ class OpenVinoTarget(Target):
         return {"model": IR_FILE, "stateful": self.stateful, "device": "CPU", "config": compile_config(self.runtime),
                 "openvino": ov.__version__, "fusion": fusion.to_dict()}
 
-    def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
+    def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:
         ov = _import_openvino()
         try:
             core = ov.Core()
             config = self.read_runtime_config(out_dir, compile_config())
+            if threads is not None:
+                config = {**config, "INFERENCE_NUM_THREADS": threads}
             compiled = core.compile_model(core.read_model(str(out_dir / IR_FILE)), "CPU", config)
         except Exception as exc:  # truncated or edited IR: OpenVINO raises RuntimeError with a long trace
             raise ArtifactError(f"OpenVINO cannot load '{out_dir / IR_FILE}': {str(exc).strip().splitlines()[0][:300]}",

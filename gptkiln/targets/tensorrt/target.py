@@ -147,7 +147,7 @@ class TensorRTTarget(Target):
         return {"compiled": True, "engine": ENGINE_FILE, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
                 "requires": requires.to_dict(), **built}
 
-    def load(self, out_dir: Path, spec: DecoderSpec) -> Runner:
+    def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:  # threads: GPU, unused
         self.check_available()
         import tensorrt as trt
 

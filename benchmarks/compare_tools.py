@@ -1,0 +1,171 @@
+"""gptkiln against the tools users would otherwise pick, every one measured by `gptkiln bench`'s own code in one run.
+
+    python benchmarks/compare_tools.py MODEL [--optimum DIR] [--optimum-intel DIR] [--threads 2] [--repeats 3]
+
+MODEL: reference or preset:gpt2 (the GPT-2 small shape). In one run, each in its own process
+(gptkiln.bench.measure: prefill b1 x 128, TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
+- PyTorch eager fp32 (the baseline) and torch.compile (inductor, dynamic shapes);
+- gptkiln's engines, onnxruntime and openvino targets, fp32 / w8a8 / int8-dynamic (onnxruntime) /
+  int4 (GPTQ g32). They are built here by the code `gptkiln export` runs (quantize + target.compile),
+  without its accuracy gate: the random-weight preset fails it by design (benchmarks/RESULTS.md);
+- --optimum DIR: optimum-onnx exports of the same weights, run by ONNX Runtime (same version, same
+  threads): DIR/{plain,O2,O3}/model.onnx (fp32), DIR/int8-dynamic/model_quantized.onnx
+  (`optimum-cli onnxruntime quantize --avx512`), DIR/int4/model.onnx and DIR/int4-O2/model.onnx (ONNX
+  Runtime's MatMulNBitsQuantizer, g32, accuracy level 4, on the plain and the O2 export: it quantizes
+  MatMul only, and the plain export keeps GPT-2's linears as Gemm);
+- --optimum-intel DIR: `optimum-cli export openvino` IRs, DIR/{fp32,int8,int4}/openvino_model.xml, each
+  twice: with the runtime config optimum-intel gives its users (its IR's rt_info: u8/f16 KV cache,
+  the plugin's inference precision) and with gptkiln's parity config (f32 inference and KV cache).
+benchmarks/RESULTS.md has the commands that make those directories (their own venvs: their pins
+clash with gptkiln's). Writes results/compare_tools-<model>.json and a chart beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+from gptkiln.bench.measure import BenchSettings, Variant, available_cores
+from gptkiln.bench.report import chart, summary
+from gptkiln.bench.run import engine_variant, load_onnx_file, load_openvino_ir, measure_all, pytorch_variant
+from gptkiln.bench.traffic import onnx_weight_bytes, openvino_weight_bytes
+from gptkiln.calibration.data import calibration_set, read_texts
+from gptkiln.calibration.perplexity import EvalText, Evaluation
+from gptkiln.calibration.quantize import prepare, quantize
+from gptkiln.config import AccuracyBudget, CalibrationSettings, Precision, QuantSettings
+from gptkiln.exporter.to_onnx import export_onnx
+from gptkiln.models.loading import load_model
+from gptkiln.pipeline import Progress
+from gptkiln.targets import get_target
+from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
+from quantization import stdlib_text
+from tables import markdown_table
+
+HERE = Path(__file__).parent
+GPTKILN_BUILDS = {  # precision -> targets, as `gptkiln export --quantize P --target T` builds them
+    Precision.FP32: ("onnxruntime", "openvino"), Precision.W8A8: ("onnxruntime", "openvino"),
+    Precision.INT8_DYNAMIC: ("onnxruntime",), Precision.INT4: ("onnxruntime", "openvino")}
+OPTIMUM_ONNX = {"optimum plain": ("plain/model.onnx", "fp32"), "optimum O2": ("O2/model.onnx", "fp32"),
+                "optimum O3": ("O3/model.onnx", "fp32"),
+                "optimum + ORT quantize": ("int8-dynamic/model_quantized.onnx", "int8-dynamic"),
+                "optimum + ORT MatMulNBits": ("int4/model.onnx", "int4"),
+                "optimum O2 + ORT MatMulNBits": ("int4-O2/model.onnx", "int4")}
+OPTIMUM_INTEL = {"fp32": "fp32", "int8": "int8 (weights)", "int4": "int4"}
+
+
+def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict) -> list[Variant]:
+    spec = loaded.spec
+    text = stdlib_text(work)
+    settings = QuantSettings(calibration=CalibrationSettings(path=text), fallback=False)
+    calibration = calibration_set(read_texts(text), loaded.tokenizer, settings.calibration, str(text))
+    evaluation = Evaluation.prepare(loaded, EvalText.read(None), 8192 if loaded.source["name"] == "reference" else 2048)
+
+    def evaluate(path: Path):  # the gate's measure, recorded beside the speed (not enforced here)
+        return evaluation.measure(OnnxRuntimeRunner(spec, create_session(path)))
+
+    variants = []
+    for precision, targets in GPTKILN_BUILDS.items():
+        opset = 23  # gptkiln's default (int4 needs >= 21)
+        with progress.stage(f"gptkiln {precision.value}: export, quantize, compile"):
+            graph = work / precision.value / "prepared.onnx"
+            prepare(export_onnx(loaded, work / precision.value / "export", opset).path, graph, spec)
+            if precision.quantized:
+                result = quantize(graph, work / precision.value / "quantized", precision, settings, spec,
+                                  calibration, evaluate, AccuracyBudget.default(precision))
+                graph, accuracy[precision.value] = result.path, asdict(result.trials[-1].accuracy)
+            for target in targets:
+                directory = work / precision.value / target
+                get_target(target).compile(graph, directory, spec)
+                variants.append(engine_variant(f"gptkiln {target}", target, precision, directory, asdict(spec)))
+    return variants
+
+
+def optimum_variants(directory: Path, spec: dict) -> list[Variant]:
+    variants = []
+    for name, (relative, precision) in OPTIMUM_ONNX.items():
+        path = directory / relative
+        if path.is_file():
+            variants.append(Variant(name, precision, partial(load_onnx_file, str(path), spec),
+                                    artifact_bytes=sum(p.stat().st_size for p in path.parent.glob("model*.onnx*")),
+                                    weight_bytes=onnx_weight_bytes(path)))
+    return variants
+
+
+def optimum_intel_variants(directory: Path, spec: dict) -> list[Variant]:
+    variants = []
+    for name, precision in OPTIMUM_INTEL.items():
+        xml = directory / name / "openvino_model.xml"
+        if not xml.is_file():
+            continue
+        size, weights = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size, openvino_weight_bytes(xml)
+        for parity_config, label in ((False, "optimum-intel"), (True, "optimum-intel, f32 config")):
+            variants.append(Variant(label, precision, partial(load_openvino_ir, str(xml), spec,
+                                                              parity_config=parity_config),
+                                    artifact_bytes=size, weight_bytes=weights))
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default="preset:gpt2", help="reference or preset:gpt2")
+    parser.add_argument("--optimum", type=Path, help="optimum-onnx exports (see the docstring)")
+    parser.add_argument("--optimum-intel", type=Path, help="optimum-intel IRs (see the docstring)")
+    parser.add_argument("--threads", type=int, default=available_cores())
+    parser.add_argument("--new-tokens", type=int, default=BenchSettings.new_tokens)
+    parser.add_argument("--repeats", type=int, default=BenchSettings.repeats)
+    parser.add_argument("--no-torch-compile", action="store_true")
+    parser.add_argument("--markdown", type=Path, help="print the Markdown table of a results JSON and exit")
+    args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
+    settings = BenchSettings(threads=args.threads, new_tokens=args.new_tokens, repeats=args.repeats)
+    progress = Progress(enabled=True)
+    loaded = load_model(args.model)
+    decoder, spec = loaded.spec, asdict(loaded.spec)
+    with tempfile.TemporaryDirectory(dir=HERE) as tmp:
+        work = Path(tmp)
+        loaded.tokenizer.save_pretrained(work / "tokenizer")
+        variants = [pytorch_variant(args.model)]
+        if not args.no_torch_compile:
+            variants.append(pytorch_variant(args.model, compiled=True))
+        accuracy: dict = {}
+        variants += gptkiln_variants(loaded, work, progress, accuracy)
+        if args.optimum:
+            variants += optimum_variants(args.optimum, spec)
+        if args.optimum_intel:
+            variants += optimum_intel_variants(args.optimum_intel, spec)
+        del loaded
+        report = measure_all(variants, decoder, work / "tokenizer", settings, progress)
+    report["model"] = {"name": args.model}
+    report["gptkiln_accuracy"] = accuracy  # perplexity / top-1 against fp32 PyTorch, per quantized precision
+    stem = f"compare_tools-{args.model.replace(':', '_')}"
+    (HERE / "results" / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    chart(report, HERE / "results" / f"{stem}.png")
+    print(summary(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The table benchmarks/RESULTS.md shows (python compare_tools.py --markdown results/compare_tools-M.json)."""
+    rows = []
+    for row in report["results"]:
+        cells = [row["name"], row["precision"], f"{row['artifact_mb']:.0f}" if row["artifact_mb"] else "-",
+                 f"{row['peak_rss_mb']:.0f}", f"{row['prefill_ms']['median']:.1f}", f"{row['ttft_ms']['median']:.1f}"]
+        for batch in ("1", "8"):
+            decode = row["decode"][batch]
+            rate = decode["tokens_per_s"]
+            cells += [f"{rate['median']:.1f} ({rate['min']:.0f}–{rate['max']:.0f})", f"{decode['vs_pytorch']:.2f}×",
+                      f"{decode['floor_pct']:.0f}%"]
+        rows.append(cells)
+    return markdown_table(["variant", "precision", "MB", "peak RSS MB", "prefill b1 ms", "TTFT ms",
+                           "b1 tok/s (min–max)", "b1 vs eager", "b1 % floor", "b8 tok/s (min–max)", "b8 vs eager",
+                           "b8 % floor"], rows)
+
+
+if __name__ == "__main__":
+    main()
