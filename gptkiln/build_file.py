@@ -8,7 +8,7 @@
     options:                     # any `gptkiln export` option, by its long name
       int4-method: rtn
       calibration: data/calibration.txt
-    target_options:              # per target: threads, performance-hint
+    target_options:              # per target: threads, performance-hint, inference-precision
       openvino: {threads: 2}
 
 The file's keys and types are checked before anything is built; a mistake names the key and
@@ -31,7 +31,7 @@ from gptkiln.errors import ConfigError, UsageError
 TOP_LEVEL = {"output": str, "models": list, "precisions": list, "targets": list, "jobs": int, "options": dict,
              "target_options": dict}
 STRUCTURAL = {"model", "output", "targets", "quantize", "force", "json", "handler"}  # set by the file's own keys
-TARGET_OPTIONS = {"threads", "performance_hint"}  # RuntimeSettings; the tensorrt target also takes trt_*
+TARGET_OPTIONS = {"threads", "performance_hint", "inference_precision"}  # RuntimeSettings (trt_*: under options)
 PATH_OPTIONS = {"calibration", "eval_text"}
 
 
@@ -151,7 +151,8 @@ def _target_options(where, raw: dict, actions: dict, targets: list[str]) -> dict
             dest = name.replace("-", "_")
             if dest not in TARGET_OPTIONS:
                 raise ConfigError(f"{where('target_options', target, name)}: '{name}' is not a per-target setting",
-                                  "use threads or performance-hint (engine options go under options:)")
+                                  "use threads, performance-hint or inference-precision "
+                                  "(engine options go under options:)")
             values[dest] = _option_value(where, ("target_options", target, name), value, actions[dest])
         if values.get("threads", 0) < 0:
             raise ConfigError(f"{where('target_options', target, 'threads')}: threads must be >= 0", "fix the value")

@@ -108,6 +108,9 @@ def _add_export_arguments(export: argparse.ArgumentParser) -> None:
                         help="threads the engine runs with, saved with it (default 0: every core)")
     export.add_argument("--performance-hint", choices=["latency", "throughput"], default="latency",
                         help="OpenVINO performance hint (default latency)")
+    export.add_argument("--inference-precision", choices=["f32", "bf16", "f16"], default="f32",
+                        help="OpenVINO compute and KV-cache precision (default f32: the fp32 parity bars; bf16/f16 "
+                             "are faster on CPUs with native support and held to the half-precision bars)")
     _add_quantization_options(export)
     _add_engine_options(export)
     export.add_argument("--decode-steps", type=int, default=ParitySettings.decode_steps,
@@ -262,7 +265,8 @@ def export_config(values: dict) -> BuildConfig:
                                      f"name a target with --target ({', '.join(able)}), or install its runtime")
     return BuildConfig(model=args.model, output=Path(args.output), targets=tuple(targets), precision=precision,
                        quant=_quant_settings(args), opset=args.opset, force=args.force, cache=not args.no_cache,
-                       runtime=RuntimeSettings(threads=args.threads, performance_hint=args.performance_hint.upper()),
+                       runtime=RuntimeSettings(threads=args.threads, performance_hint=args.performance_hint.upper(),
+                                               inference_precision=args.inference_precision),
                        engine=engine_settings(args), parity=parity,
                        tolerances=tolerances or (Tolerances.half() if precision.half else Tolerances()))
 

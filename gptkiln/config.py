@@ -119,6 +119,9 @@ class RuntimeSettings:
 
     threads: int = 0  # 0: the runtime's default (every core)
     performance_hint: str = "LATENCY"  # OpenVINO: LATENCY (one request, decode) or THROUGHPUT
+    # OpenVINO's compute and KV-cache precision: f32 (the parity bars of fp32) or, as an explicit choice,
+    # bf16 / f16 (faster on CPUs that have them natively; held to the half-precision bars)
+    inference_precision: str = "f32"
 
 
 @dataclass(frozen=True)

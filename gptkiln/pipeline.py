@@ -15,7 +15,7 @@ import functools
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gptkiln.build_plan import BuildPlan, plan_build
@@ -240,15 +240,18 @@ class _BuildState:
     def compile_and_prove(self, target: Target, graph: Path, spec: DecoderSpec):
         """The target's engine files and its TargetResult (a failed gate is a result too: it is cached)."""
         def produce(directory: Path) -> dict:
-            settings = target.compile(graph, directory, spec)
+            tolerances = target.tolerances(self.config.tolerances)
+            settings = {**target.compile(graph, directory, spec), "tolerances": asdict(tolerances)}
             _warn_short_fusions(self.progress, target.name, settings["fusion"])
+            for warning in settings.get("warnings", []):
+                self.progress.say(f"    warning: {target.name}: {warning}")
             if not settings.get("compiled", True):
                 return TargetResult(target.name, settings, None, []).to_dict()
             evaluation = self.evaluation if self.config.precision.quantized else None
             runner = target.load(directory, spec)
             report = run_parity(runner, self.reference, parity_prompts(self.loaded.tokenizer), self.config.parity)
             accuracy = evaluation.measure(runner) if evaluation else None
-            failures = _gate(self.config.precision, report, accuracy, self.config.tolerances,
+            failures = _gate(self.config.precision, report, accuracy, tolerances,
                              self.config.quant.budget_for(self.config.precision))
             return TargetResult(target.name, settings, report, failures, accuracy).to_dict()
         return produce
@@ -284,7 +287,6 @@ def verify(output: Path, tolerances: Tolerances | None, settings: ParitySettings
     progress = progress or Progress(enabled=False)
     with progress.stage("check files"):
         manifest = read_manifest(output)
-    tolerances = tolerances or Tolerances(**manifest["tolerances"])
     precision = Precision(manifest["precision"])
     quantization = manifest.get("quantization")
     with progress.stage(f"load {manifest['model']['name']}"):
@@ -310,8 +312,9 @@ def verify(output: Path, tolerances: Tolerances | None, settings: ParitySettings
             runner = target.load(output / name, loaded.spec)
             report = run_parity(runner, reference, parity_prompts(loaded.tokenizer), settings)
             accuracy = evaluation.measure(runner) if evaluation else None
-        result.targets.append(TargetResult(name, manifest["targets"][name]["settings"], report,
-                                           _gate(precision, report, accuracy, tolerances, budget), accuracy))
+        held_to = tolerances or Tolerances(**built["settings"].get("tolerances", manifest["tolerances"]))
+        result.targets.append(TargetResult(name, built["settings"], report,
+                                           _gate(precision, report, accuracy, held_to, budget), accuracy))
     result.stage_seconds = progress.seconds
     _raise_if_failed(result)
     return result

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptkiln.config import BuildConfig, EngineSettings, Precision, RuntimeSettings
+from gptkiln.config import BuildConfig, EngineSettings, Precision, RuntimeSettings, Tolerances
 from gptkiln.errors import UsageError
 from gptkiln.models.spec import DecoderSpec
 
@@ -57,6 +57,10 @@ class Target(ABC):
         """Refuse, before any work is done, a build this target cannot do here."""
         self.check_available()
         self.check_precision(config.precision)
+
+    def tolerances(self, build: Tolerances) -> Tolerances:
+        """The parity bars this target's engine is held to (a reduced-precision runtime setting loosens them)."""
+        return build
 
     def build_settings(self) -> dict:
         """The settings compile() and load() read: part of this target's stage-cache key."""

@@ -6,9 +6,11 @@ before each step (beam reordering; greedy passes arange(batch)). The state start
 zero-length cache of the request's batch size. The Runner hides all of it: the cache it
 returns is a handle, and `cache_arrays` reads the state back for parity.
 
-Inference precision is pinned to f32 (OpenVINO otherwise picks bf16/f16 on capable CPUs,
-so one build would compute differently on different hosts), and so is the KV-cache
-precision (u8 by default on CPU).
+Inference precision is pinned (OpenVINO otherwise picks bf16/f16 on capable CPUs, so one
+build would compute differently on different hosts), and so is the KV-cache precision (u8
+by default on CPU): f32 by default, held to the fp32 parity bars; bf16 or f16 when asked
+(`--inference-precision`), held to the half-precision bars. A CPU without native support
+emulates bf16 (much slower) and runs f16 requests in f32: the build warns.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptkiln.config import Precision, RuntimeSettings
+from gptkiln.config import Precision, RuntimeSettings, Tolerances
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
 from gptkiln.models.spec import DecoderSpec
@@ -40,7 +42,9 @@ def _import_openvino():
 
 def compile_config(runtime: RuntimeSettings | None = None) -> dict:
     runtime = runtime or RuntimeSettings()
-    config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "PERFORMANCE_HINT": runtime.performance_hint}
+    precision = runtime.inference_precision
+    config = {"INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": precision,
+              "PERFORMANCE_HINT": runtime.performance_hint}
     if runtime.threads:
         config["INFERENCE_NUM_THREADS"] = runtime.threads
     return config
@@ -152,6 +156,21 @@ class OpenVinoTarget(Target):
     def check_available(self) -> None:
         _import_openvino()
 
+    def tolerances(self, build: Tolerances) -> Tolerances:
+        reduced = self.runtime.inference_precision != "f32"
+        return Tolerances.half() if reduced and build == Tolerances() else build  # an explicit --logits-rel holds
+
+    def precision_warnings(self, ov) -> list[str]:
+        """What this CPU does with a bf16 / f16 request (its OPTIMIZATION_CAPABILITIES name what it runs natively)."""
+        precision = self.runtime.inference_precision
+        capabilities = set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        if precision == "bf16" and "BF16" not in capabilities:
+            return ["this CPU has no native bf16: OpenVINO emulates it, far slower than f32 (5.5x on GPT-2 small, "
+                    "benchmarks/RESULTS.md); build on the deployment CPU, or use f32"]
+        if precision == "f16" and "FP16" not in capabilities:
+            return ["this CPU has no native f16: OpenVINO runs this engine in f32 here (held to the f16 bars)"]
+        return []
+
     def compile(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> dict:
         import onnx_ir as ir
 
@@ -176,7 +195,7 @@ class OpenVinoTarget(Target):
         self.save_runtime_config(out_dir, compile_config(self.runtime))
         self.load(out_dir, spec)  # fail here, not on the user's device
         return {"model": IR_FILE, "stateful": self.stateful, "device": "CPU", "config": compile_config(self.runtime),
-                "openvino": ov.__version__, "fusion": fusion.to_dict()}
+                "openvino": ov.__version__, "fusion": fusion.to_dict(), "warnings": self.precision_warnings(ov)}
 
     def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:
         ov = _import_openvino()
