@@ -91,7 +91,7 @@ def _benchmark(output: Path, manifest: dict, targets: list[str]) -> dict | None:
     if report.get("build_key") != manifest.get("build", {}).get("key"):
         return None
     rows = [{k: v for k, v in row.items() if k != "output"} for row in report["results"]
-            if row["output"] is None or row["name"] in targets]  # the build machine's paths stay there
+            if row["output"] is None or row["target"] in targets]  # the build machine's paths stay there
     return {"machine": report["machine"], "settings": report["settings"], "results": rows}
 
 

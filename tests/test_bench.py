@@ -120,3 +120,15 @@ def test_bench_of_a_model_exports_it_first(tmp_path, capsys):
     assert code == 0 and "export to ONNX" in err
     assert [row["name"] for row in report["results"]][0] == "pytorch eager" and len(report["results"]) >= 2
     assert (output / "benchmark.json").is_file() and not (output / "benchmark.png").exists()
+
+
+def test_outputs_of_the_same_target_and_precision_are_told_apart(tmp_path):
+    from gptkiln.bench.measure import Variant
+    from gptkiln.bench.run import _distinct_labels, load_target
+
+    def variant(name, output, precision="int4"):
+        return Variant(name, precision, load_target, output=str(tmp_path / output) if output else None, target=name)
+
+    labels = [v.name for v in _distinct_labels([variant("pytorch eager", None, "fp32"), variant("openvino", "g32"),
+                                                variant("openvino", "g128"), variant("onnxruntime", "g32")], tmp_path)]
+    assert labels == ["pytorch eager", "openvino (g32)", "openvino (g128)", "onnxruntime"]

@@ -60,6 +60,7 @@ class Variant:
     precision: str
     load: Callable[[int], tuple[Runner, dict]]
     output: str | None = None  # the gptkiln output it came from (None: PyTorch, another tool's export)
+    target: str | None = None  # the gptkiln target that built it
     artifact_bytes: int | None = None
     weight_bytes: int | None = None  # per decode step, from the files (None: the loader reports it)
     kv_element_bytes: int = 4  # the KV cache's element size at run time

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict
+from collections import Counter
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from gptkiln.bench.traffic import kv_cache_bytes, onnx_weight_bytes, openvino_we
 from gptkiln.config import Precision
 from gptkiln.errors import ArtifactError, UsageError
 from gptkiln.manifest import BENCHMARK_FILE, MANIFEST, read_manifest, tool_versions
+from gptkiln.models.loading import REFERENCE_DIR
 from gptkiln.models.spec import DecoderSpec
 
 PYTORCH = "pytorch eager"
-PROMPT_SOURCE = Path(__file__).parent.parent / "models" / "reference" / "heldout.txt"
+PROMPT_SOURCE = REFERENCE_DIR / "heldout.txt"  # Python source: every tokenizer makes >= 128 tokens of its start
 
 
 def is_output_root(path: Path) -> bool:
@@ -98,7 +100,7 @@ def engine_weight_bytes(directory: Path) -> int:
 def engine_variant(label: str, target: str, precision: Precision, directory: Path, spec: dict,
                    output: Path | None = None) -> Variant:
     """A variant of the engine files gptkiln's `target` compiled into `directory`."""
-    return Variant(name=label, precision=precision.value, output=str(output) if output else None,
+    return Variant(name=label, precision=precision.value, output=str(output) if output else None, target=target,
                    load=partial(load_target, target, str(directory), spec),
                    artifact_bytes=sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()),
                    weight_bytes=engine_weight_bytes(directory), kv_element_bytes=2 if precision.half else 4)
@@ -132,9 +134,17 @@ def bench(root: Path, settings: BenchSettings, progress) -> dict:
     variants = [pytorch_variant(first["model"]["name"])]
     for output, manifest in manifests.items():
         variants += output_variants(output, manifest)
+    variants = _distinct_labels(variants, root)
     report = measure_all(variants, DecoderSpec(**first["spec"]), outputs[0], settings, progress)
     return {"model": first["model"], **report,
             "builds": {str(o): m.get("build", {}).get("key") for o, m in manifests.items()}}
+
+
+def _distinct_labels(variants: list[Variant], root: Path) -> list[Variant]:
+    """Two outputs with the same target and precision (e.g. other block sizes): label them by their directory."""
+    seen = Counter((v.name, v.precision) for v in variants)
+    return [replace(v, name=f"{v.name} ({Path(v.output).relative_to(root)})") if seen[v.name, v.precision] > 1 else v
+            for v in variants]
 
 
 def pytorch_variant(model: str, compiled: bool = False) -> Variant:
@@ -167,7 +177,7 @@ def _row(variant: Variant, measured: dict, spec: DecoderSpec, settings: BenchSet
         step_bytes = weights + kv_cache_bytes(spec, int(batch), context, kv_element_bytes)
         decode["floor_ms"] = step_bytes / (bandwidth["gb_per_s"] * 1e9) * 1e3
         decode["floor_pct"] = 100 * decode["floor_ms"] / decode["step_ms"]
-    return {"name": variant.name, "precision": variant.precision, "output": variant.output,
+    return {"name": variant.name, "target": variant.target, "precision": variant.precision, "output": variant.output,
             "artifact_mb": variant.artifact_bytes / 1e6 if variant.artifact_bytes else None,
             "weight_mb_per_step": weights / 1e6, "kv_element_bytes": kv_element_bytes, **measured}
 
