@@ -59,6 +59,19 @@ def test_w8a8_with_smoothquant_passes_on_every_cpu_target(w8a8_build):
     assert {"QuantizeLinear", "DequantizeLinear", "Attention", "SkipLayerNormalization"} <= ops
 
 
+def test_openvino_stores_the_lookup_tables_of_a_quantized_build_in_uint8(w8a8_build):
+    """The embeddings only feed Gather (the lm_head reads its own int8 copy): uint8 per row, in the IR."""
+    import openvino as ov
+
+    _, output = w8a8_build
+    settings = read_manifest(output)["targets"]["openvino"]["settings"]
+    assert sorted(settings["compressed_lookup_tables"]) == ["model.lm_head.weight", "model.transformer.wpe.weight"]
+    tables = [op for op in ov.Core().read_model(str(output / "openvino" / "model.xml")).get_ops()
+              if op.get_type_name() == "Constant" and list(op.get_output_shape(0)) in ([4096, 192], [512, 192])]
+    assert {op.get_output_element_type(0) for op in tables} <= {ov.Type.u8, ov.Type.i8}  # no f32 table is left
+    assert any(op.get_output_element_type(0) == ov.Type.u8 for op in tables)
+
+
 def test_verify_reruns_the_accuracy_gate(w8a8_build):
     _, output = w8a8_build
     result = verify(output, None, ParitySettings())
