@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 
 from gptkiln.bench.measure import BenchSettings, Variant, available_cores
-from gptkiln.bench.report import chart, summary
+from gptkiln.bench.report import chart, summary, table
 from gptkiln.bench.run import engine_variant, load_onnx_file, load_openvino_ir, measure_all, pytorch_variant
 from gptkiln.bench.traffic import onnx_weight_bytes, openvino_weight_bytes
 from gptkiln.calibration.data import calibration_set, read_texts
@@ -151,21 +151,9 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
-    """The table benchmarks/RESULTS.md shows (python compare_tools.py --markdown results/compare_tools-M.json)."""
-    rows = []
-    for row in report["results"]:
-        cells = [row["name"], row["precision"], f"{row['artifact_mb']:.0f}" if row["artifact_mb"] else "-",
-                 f"{row['peak_rss_mb']:.0f}", f"{row['prefill_ms']['median']:.1f}", f"{row['ttft_ms']['median']:.1f}"]
-        for batch in ("1", "8"):
-            decode = row["decode"][batch]
-            rate = decode["tokens_per_s"]
-            cells += [f"{rate['median']:.1f} ({rate['min']:.0f}–{rate['max']:.0f})", f"{decode['vs_pytorch']:.2f}×",
-                      f"{decode['floor_pct']:.0f}%"]
-        rows.append(cells)
-    return markdown_table(["variant", "precision", "MB", "peak RSS MB", "prefill b1 ms", "TTFT ms",
-                           "b1 tok/s (min–max)", "b1 vs eager", "b1 % floor", "b8 tok/s (min–max)", "b8 vs eager",
-                           "b8 % floor"], rows)
-
+    """The table of `gptkiln bench`, as Markdown (python compare_tools.py --markdown results/compare_tools-M.json)."""
+    header, *rows = table(report)
+    return markdown_table(list(header), [list(row) for row in rows])
 
 if __name__ == "__main__":
     main()

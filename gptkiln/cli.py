@@ -337,7 +337,7 @@ def _bench(args):
     import tempfile
 
     from gptkiln.bench.measure import BenchSettings
-    from gptkiln.bench.report import chart, summary
+    from gptkiln.bench.report import chart, pyplot, summary
     from gptkiln.bench.run import bench, is_output_root, save
     from gptkiln.manifest import BENCHMARK_CHART
     from gptkiln.pipeline import Progress, build
@@ -346,6 +346,8 @@ def _bench(args):
                              batches=tuple(sorted(set(args.batches or BenchSettings.batches))), repeats=args.repeats,
                              warmup=args.warmup)
     settings.validate()  # the options alone, before any work (the model's positions: once it is known)
+    if not args.no_chart:
+        pyplot()  # no hour of measurements lost to a missing matplotlib at the end
     progress = Progress(enabled=True)
     source = Path(args.source)
     with tempfile.TemporaryDirectory(prefix="gptkiln-bench-") as scratch:

@@ -7,6 +7,7 @@ its structure, the floor arithmetic, the bytes a decode step reads, and where th
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -102,6 +103,10 @@ def test_bench_refuses_bad_input(two_target_output, tmp_path, capsys):
     assert code == 2 and "positions" in err
     code, _, err = run_cli(capsys, "bench", two_target_output, "--repeats", "0")
     assert code == 2 and "--repeats" in err
+    with pytest.MonkeyPatch.context() as patch:  # no matplotlib: refused before anything is measured
+        patch.setitem(sys.modules, "matplotlib", None)
+        code, _, err = run_cli(capsys, "bench", two_target_output)
+    assert code == 2 and "gptkiln[bench]" in err and "[1]" not in err
     code, _, err = run_cli(capsys, "bench", tmp_path / "missing")
     assert code == 3 and "Traceback" not in err
     for name in ("a", "b"):  # two different models under one root

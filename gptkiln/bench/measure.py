@@ -24,6 +24,7 @@ import numpy as np
 
 from gptkiln import errors
 from gptkiln.errors import UsageError
+from gptkiln.runtime.generate import left_pad
 from gptkiln.targets.base import Runner
 
 WARMUP_DECODE_STEPS = 8
@@ -83,10 +84,12 @@ def measure(runner: Runner, encode: Callable[[], list[int]], settings: BenchSett
             _decode(runner, prompt, batch, WARMUP_DECODE_STEPS)
     prefill, ttft = [], []
     for _ in range(max(settings.repeats, 5)):  # prefill is short: a few more samples cost little
-        prefill.append(_prefill_ms(runner, np.array([prompt])))
+        inputs, cache = _inputs(prompt, 1), runner.empty_cache(1)
         started = time.perf_counter()
-        ids = np.array([_prompt_ids(encode, settings.prompt_tokens)])
-        logits, _ = runner.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], runner.empty_cache(1))
+        runner.step(*inputs, cache)
+        prefill.append((time.perf_counter() - started) * 1e3)
+        started = time.perf_counter()
+        logits, _ = runner.step(*_inputs(_prompt_ids(encode, settings.prompt_tokens), 1), runner.empty_cache(1))
         int(logits[0, -1].argmax())
         ttft.append((time.perf_counter() - started) * 1e3)
     decode = {}
@@ -105,19 +108,15 @@ def _prompt_ids(encode: Callable[[], list[int]], length: int) -> list[int]:
     return ids[:length]
 
 
-def _prefill_ms(runner: Runner, ids: np.ndarray) -> float:
-    cache = runner.empty_cache(ids.shape[0])
-    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
-    started = time.perf_counter()
-    runner.step(ids, np.ones_like(ids), positions, cache)
-    return (time.perf_counter() - started) * 1e3
+def _inputs(prompt: list[int], batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The prefill inputs of `prompt` in every row (equal lengths: no padding)."""
+    inputs = left_pad([prompt] * batch, pad_token_id=0)
+    return inputs.input_ids, inputs.attention_mask, inputs.position_ids
 
 
 def _decode(runner: Runner, prompt: list[int], batch: int, steps: int) -> float:
     """Seconds for `steps` greedy decode steps (argmax included) after a prefill of `prompt` in every row."""
-    ids = np.tile(np.array(prompt, np.int64), (batch, 1))
-    positions = np.broadcast_to(np.arange(len(prompt)), ids.shape).copy()
-    logits, cache = runner.step(ids, np.ones_like(ids), positions, runner.empty_cache(batch))
+    logits, cache = runner.step(*_inputs(prompt, batch), runner.empty_cache(batch))
     mask = np.ones((batch, len(prompt) + steps), np.int64)
     started = time.perf_counter()
     for step in range(steps):

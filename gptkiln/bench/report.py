@@ -12,12 +12,25 @@ def summary(report: dict) -> str:
 
     machine, settings = report["machine"], report["settings"]
     bandwidth = machine["bandwidth"]
-    batches = [str(b) for b in settings["batches"]]
+    context = settings["prompt_tokens"] + settings["new_tokens"] // 2
+    return (f"model      {report['model']['name']} ({report['spec']['model_type']}, "
+            f"{report['spec']['num_layers']} layers)\n"
+            f"machine    {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads\n"
+            f"bandwidth  {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['kernel']}, measured in this run)\n"
+            f"run        batch 1 prefill of {settings['prompt_tokens']} tokens; {settings['new_tokens']} new tokens "
+            f"per decode; median of {settings['repeats']} after {settings['warmup']} warm-up\n"
+            f"floor      bytes a decode step reads (weights + KV cache at {context} tokens) / bandwidth\n\n"
+            + text_table(table(report)) + _cache_note(report, machine.get("last_level_cache_mb")))
+
+
+def table(report: dict) -> list[tuple]:
+    """The header row, then one row per variant (the terminal table; benchmarks/ prints it as Markdown)."""
+    batches = [str(b) for b in report["settings"]["batches"]]
     header = ["variant", "precision", "size MB", "peak RSS MB", "prefill b1 ms", "TTFT ms"]
     for batch in batches:
         header += [f"decode b{batch} tok/s (min-max)", "vs eager", "% floor"]
     rows = [tuple(header)]
-    cache = machine.get("last_level_cache_mb")
+    cache = report["machine"].get("last_level_cache_mb")
     for row in report["results"]:
         cells = [row["name"], row["precision"], f"{row['artifact_mb']:.1f}" if row["artifact_mb"] else "-",
                  f"{row['peak_rss_mb']:.0f}", _ms(row["prefill_ms"]), _ms(row["ttft_ms"])]
@@ -28,15 +41,7 @@ def summary(report: dict) -> str:
             cells += [f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})", f"{decode['vs_pytorch']:.2f}x",
                       f"{decode['floor_pct']:.0f}%" + ("*" if cached else "")]
         rows.append(tuple(cells))
-    context = settings["prompt_tokens"] + settings["new_tokens"] // 2
-    return (f"model      {report['model']['name']} ({report['spec']['model_type']}, "
-            f"{report['spec']['num_layers']} layers)\n"
-            f"machine    {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads\n"
-            f"bandwidth  {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['kernel']}, measured in this run)\n"
-            f"run        batch 1 prefill of {settings['prompt_tokens']} tokens; {settings['new_tokens']} new tokens "
-            f"per decode; median of {settings['repeats']} after {settings['warmup']} warm-up\n"
-            f"floor      bytes a decode step reads (weights + KV cache at {context} tokens) / bandwidth\n\n"
-            + text_table(rows) + _cache_note(report, cache))
+    return rows
 
 
 def _cache_note(report: dict, cache: float | None) -> str:
@@ -50,8 +55,8 @@ def _ms(values: dict) -> str:
     return f"{values['median']:.1f}"
 
 
-def chart(report: dict, path: Path) -> None:
-    """Decode tokens/s and prefill / TTFT latency per variant, PyTorch eager as the baseline line."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files; a clear error where it is not installed (checked before any work)."""
     try:
         import matplotlib
 
@@ -59,6 +64,12 @@ def chart(report: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("the chart needs matplotlib", "pip install 'gptkiln[bench]', or pass --no-chart") from None
+    return plt
+
+
+def chart(report: dict, path: Path) -> None:
+    """Decode tokens/s and prefill / TTFT latency per variant, PyTorch eager as the baseline line."""
+    plt = pyplot()
     rows = report["results"]
     labels = [f"{row['name']}\n{row['precision']}" for row in rows]
     batches = [str(b) for b in report["settings"]["batches"]]

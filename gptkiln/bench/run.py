@@ -20,6 +20,7 @@ from gptkiln.bench.measure import BenchSettings, Variant, available_cores, run_i
 from gptkiln.bench.traffic import kv_cache_bytes, onnx_weight_bytes, openvino_weight_bytes, torch_weight_bytes
 from gptkiln.config import Precision
 from gptkiln.errors import ArtifactError, UsageError
+from gptkiln.exporter.io_spec import MODEL_FILE
 from gptkiln.manifest import BENCHMARK_FILE, MANIFEST, read_manifest, tool_versions
 from gptkiln.models.loading import REFERENCE_DIR
 from gptkiln.models.spec import DecoderSpec
@@ -90,11 +91,14 @@ def load_openvino_ir(path: str, spec: dict, threads: int, parity_config: bool):
 
 def engine_weight_bytes(directory: Path) -> int:
     """Weight bytes a decode step reads, from an engine directory's files (a TensorRT engine: its size)."""
-    if (directory / "model.engine").is_file():
-        return (directory / "model.engine").stat().st_size
-    if (directory / "model.xml").is_file():
-        return openvino_weight_bytes(directory / "model.xml")
-    return onnx_weight_bytes(directory / "model.onnx")
+    from gptkiln.targets.openvino import IR_FILE
+    from gptkiln.targets.tensorrt.target import ENGINE_FILE
+
+    if (directory / ENGINE_FILE).is_file():
+        return (directory / ENGINE_FILE).stat().st_size
+    if (directory / IR_FILE).is_file():
+        return openvino_weight_bytes(directory / IR_FILE)
+    return onnx_weight_bytes(directory / MODEL_FILE)
 
 
 def engine_variant(label: str, target: str, precision: Precision, directory: Path, spec: dict,
@@ -196,16 +200,12 @@ def machine(threads: int, bandwidth: dict) -> dict:
     if cpuinfo.is_file():
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
-    versions = tool_versions()
-    try:
-        import openvino
+    from gptkiln.targets import get_target
 
-        versions["openvino"] = openvino.__version__
-    except ImportError:
-        versions["openvino"] = None
-    return {"cpu": cpu, "cores": available_cores(),
-            "threads": threads, "last_level_cache_mb": last_level_cache_mb(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-            "bandwidth": bandwidth, "versions": versions}
+    versions = {**tool_versions(), "openvino": get_target("openvino").runtime_version()}
+    memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+    return {"cpu": cpu, "cores": available_cores(), "threads": threads, "last_level_cache_mb": last_level_cache_mb(),
+            "memory_gb": memory_gb, "bandwidth": bandwidth, "versions": versions}
 
 
 def last_level_cache_mb() -> float | None:

@@ -7,6 +7,7 @@ and are counted like any other.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from gptkiln.models.spec import DecoderSpec
@@ -33,10 +34,7 @@ def onnx_weight_bytes(path: Path) -> int:
     for tensor in graph.initializer:
         if readers.get(tensor.name) and all(op == "Gather" and index == 0 for op, index in readers[tensor.name]):
             continue
-        count = 1
-        for dim in tensor.dims:
-            count *= dim
-        total += count * _onnx_element_bits(tensor.data_type) // 8
+        total += math.prod(tensor.dims) * _onnx_element_bits(tensor.data_type) // 8
     return total
 
 
@@ -56,11 +54,7 @@ def openvino_weight_bytes(xml: Path) -> int:
     for op in ov.Core().read_model(str(xml)).get_ops():
         if op.get_type_name() != "Constant" or _only_gathered(op.output(0)):
             continue
-        shape = op.get_output_shape(0)
-        count = 1
-        for dim in shape:
-            count *= dim
-        total += count * op.get_output_element_type(0).bitwidth // 8
+        total += math.prod(op.get_output_shape(0)) * op.get_output_element_type(0).bitwidth // 8
     return total
 
 
