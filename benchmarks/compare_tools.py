@@ -1,13 +1,16 @@
 """gptkiln against the tools users would otherwise pick, every one measured by `gptkiln bench`'s own code in one run.
 
     python benchmarks/compare_tools.py MODEL [--optimum DIR] [--optimum-intel DIR] [--threads 2] [--repeats 3]
+                                             [--precision fp32|int8|int4 ...] [--int4-block-size N ...]
 
 MODEL: reference or preset:gpt2 (the GPT-2 small shape). In one run, each in its own process
 (gptkiln.bench.measure: prefill b1 x 128, TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
 - PyTorch eager fp32 (the baseline) and torch.compile (inductor, dynamic shapes);
 - gptkiln's engines, onnxruntime and openvino targets, fp32 / w8a8 / int8-dynamic (onnxruntime) /
-  int4 (GPTQ g32). They are built here by the code `gptkiln export` runs (quantize + target.compile),
-  without its accuracy gate: the random-weight preset fails it by design (benchmarks/RESULTS.md);
+  int4 (GPTQ, gptkiln's default block; one build per --int4-block-size). They are built here by the
+  code `gptkiln export` runs (quantize + target.compile), without its accuracy gate: the random-weight
+  preset fails it by design (benchmarks/RESULTS.md). fp32 on openvino runs twice: as built (f32 KV cache)
+  and with --kv-cache-precision f16, the counterpart of optimum-intel's default config;
 - --optimum DIR: optimum-onnx exports of the same weights, run by ONNX Runtime (same version, same
   threads): DIR/{plain,O2,O3}/model.onnx (fp32), DIR/int8-dynamic/model_quantized.onnx
   (`optimum-cli onnxruntime quantize --avx512`), DIR/int4/model.onnx and DIR/int4-O2/model.onnx (ONNX
@@ -17,7 +20,9 @@ MODEL: reference or preset:gpt2 (the GPT-2 small shape). In one run, each in its
   twice: with the runtime config optimum-intel gives its users (its IR's rt_info: u8/f16 KV cache,
   the plugin's inference precision) and with gptkiln's parity config (f32 inference and KV cache).
 benchmarks/RESULTS.md has the commands that make those directories (their own venvs: their pins
-clash with gptkiln's). Writes results/compare_tools-<model>.json and a chart beside it.
+clash with gptkiln's). --precision keeps only the rows of those precisions (every tool's; int8 is
+W8A8, dynamic int8 and weight-only int8). Writes results/compare_tools-<model>[-<precisions>].json
+and a chart beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +41,7 @@ from gptkiln.bench.traffic import onnx_weight_bytes, openvino_weight_bytes
 from gptkiln.calibration.data import calibration_set, read_texts
 from gptkiln.calibration.perplexity import EvalText, Evaluation
 from gptkiln.calibration.quantize import prepare, quantize
-from gptkiln.config import AccuracyBudget, CalibrationSettings, Precision, QuantSettings
+from gptkiln.config import AccuracyBudget, CalibrationSettings, Precision, QuantSettings, RuntimeSettings
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.models.loading import load_model
 from gptkiln.pipeline import Progress
@@ -55,51 +60,69 @@ OPTIMUM_ONNX = {"optimum plain": ("plain/model.onnx", "fp32"), "optimum O2": ("O
                 "optimum + ORT MatMulNBits": ("int4/model.onnx", "int4"),
                 "optimum O2 + ORT MatMulNBits": ("int4-O2/model.onnx", "int4")}
 OPTIMUM_INTEL = {"fp32": "fp32", "int8": "int8 (weights)", "int4": "int4"}
+FAMILIES = ("fp32", "int8", "int4")  # --precision: w8a8, int8-dynamic and int8 weights are all int8
 
 
-def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict) -> list[Variant]:
+def family(precision: str) -> str:
+    return next(f for f in FAMILIES if precision.startswith(f) or (f == "int8" and precision == "w8a8"))
+
+
+def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, families: set[str],
+                     int4_blocks: list[int]) -> list[Variant]:
     spec = loaded.spec
     text = stdlib_text(work)
-    settings = QuantSettings(calibration=CalibrationSettings(path=text), fallback=False)
-    calibration = calibration_set(read_texts(text), loaded.tokenizer, settings.calibration, str(text))
+    base = QuantSettings(calibration=CalibrationSettings(path=text), fallback=False)
+    calibration = calibration_set(read_texts(text), loaded.tokenizer, base.calibration, str(text))
     evaluation = Evaluation.prepare(loaded, EvalText.read(None), 8192 if loaded.source["name"] == "reference" else 2048)
 
     def evaluate(path: Path):  # the gate's measure, recorded beside the speed (not enforced here)
         return evaluation.measure(OnnxRuntimeRunner(spec, create_session(path)))
 
+    builds = [(p, t, None) for p, t in GPTKILN_BUILDS.items() if p is not Precision.INT4]
+    builds += [(Precision.INT4, GPTKILN_BUILDS[Precision.INT4], block) for block in int4_blocks]
     variants = []
-    for precision, targets in GPTKILN_BUILDS.items():
+    for precision, targets, block in builds:
+        if family(precision.value) not in families:
+            continue
+        name = precision.value + (f"-g{block}" if len(int4_blocks) > 1 and block else "")
+        settings = replace(base, int4_block_size=block) if block else base
         opset = 23  # gptkiln's default (int4 needs >= 21)
-        with progress.stage(f"gptkiln {precision.value}: export, quantize, compile"):
-            graph = work / precision.value / "prepared.onnx"
-            prepare(export_onnx(loaded, work / precision.value / "export", opset).path, graph, spec)
+        with progress.stage(f"gptkiln {name}: export, quantize, compile"):
+            graph = work / name / "prepared.onnx"
+            prepare(export_onnx(loaded, work / name / "export", opset).path, graph, spec)
             if precision.quantized:
-                result = quantize(graph, work / precision.value / "quantized", precision, settings, spec,
+                result = quantize(graph, work / name / "quantized", precision, settings, spec,
                                   calibration, evaluate, AccuracyBudget.default(precision))
-                graph, accuracy[precision.value] = result.path, asdict(result.trials[-1].accuracy)
+                graph, accuracy[name] = result.path, asdict(result.trials[-1].accuracy)
             for target in targets:
-                directory = work / precision.value / target
+                directory = work / name / target
                 get_target(target).compile(graph, directory, spec)
-                variants.append(engine_variant(f"gptkiln {target}", target, precision, directory, asdict(spec)))
+                label = f"gptkiln {target}" + (f" g{block}" if name != precision.value else "")
+                variants.append(engine_variant(label, target, precision, directory, asdict(spec)))
+            if precision is Precision.FP32:  # the counterpart of optimum-intel's default config (f16 cache)
+                directory = work / name / "openvino-kv-f16"
+                get_target("openvino", RuntimeSettings(kv_cache_precision="f16")).compile(graph, directory, spec)
+                variants.append(engine_variant("gptkiln openvino, f16 KV cache", "openvino", precision, directory,
+                                               asdict(spec)))
     return variants
 
 
-def optimum_variants(directory: Path, spec: dict) -> list[Variant]:
+def optimum_variants(directory: Path, spec: dict, families: set[str]) -> list[Variant]:
     variants = []
     for name, (relative, precision) in OPTIMUM_ONNX.items():
         path = directory / relative
-        if path.is_file():
+        if path.is_file() and family(precision) in families:
             variants.append(Variant(name, precision, partial(load_onnx_file, str(path), spec),
                                     artifact_bytes=sum(p.stat().st_size for p in path.parent.glob("model*.onnx*")),
                                     weight_bytes=onnx_weight_bytes(path)))
     return variants
 
 
-def optimum_intel_variants(directory: Path, spec: dict) -> list[Variant]:
+def optimum_intel_variants(directory: Path, spec: dict, families: set[str]) -> list[Variant]:
     variants = []
     for name, precision in OPTIMUM_INTEL.items():
         xml = directory / name / "openvino_model.xml"
-        if not xml.is_file():
+        if not xml.is_file() or family(precision) not in families:
             continue
         size, weights = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size, openvino_weight_bytes(xml)
         for parity_config, label in ((False, "optimum-intel"), (True, "optimum-intel, f32 config")):
@@ -118,6 +141,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=BenchSettings.new_tokens)
     parser.add_argument("--repeats", type=int, default=BenchSettings.repeats)
     parser.add_argument("--no-torch-compile", action="store_true")
+    parser.add_argument("--precision", action="append", choices=FAMILIES,
+                        help="only these precisions' rows (repeatable; default: all)")
+    parser.add_argument("--int4-block-size", action="append", type=int,
+                        help="one gptkiln int4 build per block size (repeatable; default: gptkiln's default)")
     parser.add_argument("--markdown", type=Path, help="print the Markdown table of a results JSON and exit")
     args = parser.parse_args()
     if args.markdown:
@@ -134,16 +161,18 @@ def main() -> None:
         if not args.no_torch_compile:
             variants.append(pytorch_variant(args.model, compiled=True))
         accuracy: dict = {}
-        variants += gptkiln_variants(loaded, work, progress, accuracy)
+        families = set(args.precision or FAMILIES)
+        variants += gptkiln_variants(loaded, work, progress, accuracy, families, args.int4_block_size or [0])
         if args.optimum:
-            variants += optimum_variants(args.optimum, spec)
+            variants += optimum_variants(args.optimum, spec, families)
         if args.optimum_intel:
-            variants += optimum_intel_variants(args.optimum_intel, spec)
+            variants += optimum_intel_variants(args.optimum_intel, spec, families)
         del loaded
         report = measure_all(variants, decoder, work / "tokenizer", settings, progress)
     report["model"] = {"name": args.model}
     report["gptkiln_accuracy"] = accuracy  # perplexity / top-1 against fp32 PyTorch, per quantized precision
-    stem = f"compare_tools-{args.model.replace(':', '_')}"
+    stem = f"compare_tools-{args.model.replace(':', '_')}" + "".join(f"-{f}" for f in args.precision or [])
+    stem += "".join(f"-g{b}" for b in args.int4_block_size or [])
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     chart(report, HERE / "results" / f"{stem}.png")
     print(summary(report))

@@ -31,7 +31,8 @@ from gptkiln.errors import ConfigError, UsageError
 TOP_LEVEL = {"output": str, "models": list, "precisions": list, "targets": list, "jobs": int, "options": dict,
              "target_options": dict}
 STRUCTURAL = {"model", "output", "targets", "quantize", "force", "json", "handler"}  # set by the file's own keys
-TARGET_OPTIONS = {"threads", "performance_hint", "inference_precision"}  # RuntimeSettings (trt_*: under options)
+# RuntimeSettings (trt_*: under options)
+TARGET_OPTIONS = {"threads", "performance_hint", "inference_precision", "kv_cache_precision"}
 PATH_OPTIONS = {"calibration", "eval_text"}
 
 
@@ -151,7 +152,7 @@ def _target_options(where, raw: dict, actions: dict, targets: list[str]) -> dict
             dest = name.replace("-", "_")
             if dest not in TARGET_OPTIONS:
                 raise ConfigError(f"{where('target_options', target, name)}: '{name}' is not a per-target setting",
-                                  "use threads, performance-hint or inference-precision "
+                                  "use threads, performance-hint, inference-precision or kv-cache-precision "
                                   "(engine options go under options:)")
             values[dest] = _option_value(where, ("target_options", target, name), value, actions[dest])
         if values.get("threads", 0) < 0:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def _add_export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument("--inference-precision", choices=["f32", "bf16", "f16"], default="f32",
                         help="OpenVINO compute and KV-cache precision (default f32: the fp32 parity bars; bf16/f16 "
                              "are faster on CPUs with native support and held to the half-precision bars)")
+    export.add_argument("--kv-cache-precision", choices=["f32", "f16", "u8"],
+                        help="OpenVINO's stateful KV cache storage (default: the inference precision; f16/u8 read "
+                             "fewer bytes per step and are held to the half-precision bars)")
     _add_quantization_options(export)
     _add_engine_options(export)
     export.add_argument("--decode-steps", type=int, default=ParitySettings.decode_steps,
@@ -178,7 +182,9 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-smoothquant", action="store_true", help="W8A8 without SmoothQuant")
     group.add_argument("--int4-method", choices=[m.value for m in Int4Method], default=defaults.int4_method.value,
                        help="int4 rounding (gptq needs --calibration; default %(default)s)")
-    group.add_argument("--int4-block-size", type=int, default=defaults.int4_block_size, help="default %(default)s")
+    group.add_argument("--int4-block-size", type=int, default=defaults.int4_block_size,
+                       help="input rows per int4 scale; a layer whose input size is not a multiple gets the largest "
+                            "power of two that divides it (default %(default)s)")
     group.add_argument("--int4-symmetric", action="store_true", help="int4 without zero points")
     group.add_argument("--eval-text", type=Path, help="held-out text for the accuracy gate "
                                                       "(default: the reference model's held-out split)")
@@ -266,7 +272,8 @@ def export_config(values: dict) -> BuildConfig:
     return BuildConfig(model=args.model, output=Path(args.output), targets=tuple(targets), precision=precision,
                        quant=_quant_settings(args), opset=args.opset, force=args.force, cache=not args.no_cache,
                        runtime=RuntimeSettings(threads=args.threads, performance_hint=args.performance_hint.upper(),
-                                               inference_precision=args.inference_precision),
+                                               inference_precision=args.inference_precision,
+                                               kv_cache_precision=args.kv_cache_precision),
                        engine=engine_settings(args), parity=parity,
                        tolerances=tolerances or (Tolerances.half() if precision.half else Tolerances()))
 
@@ -425,8 +432,10 @@ def _quant_line(quantization: dict) -> str:
     smoothed = len(quantization["smoothing"])
     method = quantization["method"]
     details = ", ".join(f"{k} {v}" for k, v in method.items())
+    narrowed = Counter(quantization["narrowed_blocks"].values())
     return (f"{quantization['layers_quantized']}/{quantization['layers_total']} linear layers quantized "
-            f"({details}); kept in fp32: {kept}" + (f"; SmoothQuant on {smoothed} activations" if smoothed else ""))
+            f"({details}); kept in fp32: {kept}" + (f"; SmoothQuant on {smoothed} activations" if smoothed else "")
+            + "".join(f"; {n} layers in blocks of {block} (their input size)" for block, n in sorted(narrowed.items())))
 
 
 def _parity_rows(result, targets) -> list[tuple]:

@@ -132,3 +132,46 @@ def test_reduced_inference_precision_is_applied_and_held_to_the_half_bars(tmp_pa
     assert bool(openvino["settings"]["warnings"]) == ("BF16" not in capabilities)
     # the gate is the half one: a failure, where there is one, is top-1 or greedy, never the logits bound
     assert code in (0, 9) and all("max |diff|" not in failure for failure in openvino["failures"])
+
+
+def test_a_reduced_kv_cache_is_applied_recorded_and_refused_where_it_cannot_apply(openvino_build, tmp_path, capsys):
+    """--kv-cache-precision f16 keeps compute in f32 and stores the stateful cache in f16: decode logits move
+    off the f32 cache's, the build records it and is held to the half bars, and bench's floor counts 2 bytes
+    per cache element. openvino-stateless, whose cache is fp32 inputs and outputs, refuses it."""
+    import json
+
+    import numpy as np
+    import openvino as ov
+
+    from gptkiln.bench.run import load_target
+    from gptkiln.cli import main
+    from gptkiln.config import Tolerances
+    from gptkiln.targets.openvino import StatefulRunner, compile_config
+
+    result, output = openvino_build
+    ids = np.arange(1, 17, dtype=np.int64)[None]
+    logits = {}
+    for kv in ("f32", "f16"):
+        config = compile_config(RuntimeSettings(threads=1, kv_cache_precision=kv))
+        runner = StatefulRunner(result.spec, ov.Core().compile_model(str(output / "openvino" / "model.xml"), "CPU", config))
+        step, cache = runner.step(ids, np.ones_like(ids), np.arange(16, dtype=np.int64)[None], runner.empty_cache(1))
+        steps = [step]
+        for s in range(8):  # decode steps read the cache back
+            step, cache = runner.step(ids[:, s : s + 1], np.ones((1, 17 + s), np.int64), np.array([[16 + s]]), cache)
+            steps.append(step)
+        logits[kv] = np.concatenate(steps, axis=1)
+    assert 0 < np.abs(logits["f16"] - logits["f32"]).max() < 1e-2 * np.abs(logits["f32"]).max()
+
+    out = tmp_path / "kv"
+    code = main(["export", "reference", "-o", str(out), "--target", "openvino", "--kv-cache-precision", "f16",
+                 "--threads", "1", "--json"])
+    payload = json.loads(capsys.readouterr().out)
+    assert code == 0, payload
+    settings = payload["targets"]["openvino"]["settings"]
+    assert settings["config"]["KV_CACHE_PRECISION"] == "f16" and settings["config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert settings["tolerances"] == vars(Tolerances.half())
+    assert load_target("openvino", str(out / "openvino"), payload["spec"], 1)[1] == {"kv_element_bytes": 2}
+    code = main(["export", "reference", "-o", str(tmp_path / "stateless"), "--target", "openvino-stateless",
+                 "--kv-cache-precision", "u8"])
+    assert code == 2 and "drop --kv-cache-precision" in capsys.readouterr().err
+    assert not (tmp_path / "stateless").exists()

@@ -117,7 +117,8 @@ def blocked_dq(data: np.ndarray, block: int, zero_point: int | None):
 
 @pytest.mark.parametrize("block, zero_point, expected", [
     (64, None, []),
-    (32, None, ["int4 block size 32: TensorRT supports 64 or 128 (build with --int4-block-size 64 or 128)"]),
+    (32, None, ["int4 block size 32: TensorRT supports 64 or 128 (build with --int4-block-size 64 or 128; a layer "
+                "whose input size is not a multiple of 64 gets a smaller block)"]),
     (64, 8, ["zero point of type UINT4: TensorRT quantizes to signed types only",
              "nonzero zero point: TensorRT supports symmetric quantization only (build int4 with --int4-symmetric)"]),
 ])
@@ -243,7 +244,10 @@ def test_tensorrt_refusals_before_any_work(tmp_path, capsys):
     code = main(["export", "reference", "-o", out, "--target", "tensorrt", "--quantize", "int8-dynamic"])
     assert code == 2 and "cannot run int8-dynamic" in capsys.readouterr().err
     code = main(["export", "reference", "-o", out, "--target", "tensorrt", "--quantize", "int4", "--int4-method", "rtn"])
-    assert code == 2 and "--int4-symmetric --int4-block-size 64" in capsys.readouterr().err
+    assert code == 2 and "add --int4-symmetric\n" in capsys.readouterr().err
+    code = main(["export", "reference", "-o", out, "--target", "tensorrt", "--quantize", "int4", "--int4-method", "rtn",
+                 "--int4-block-size", "32"])
+    assert code == 2 and "add --int4-symmetric --int4-block-size 128 (or 64)" in capsys.readouterr().err
     code = main(["export", "reference", "-o", out, "--quantize", "bf16"])  # no target installed here runs bf16
     assert code == 8 and "--target (tensorrt)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

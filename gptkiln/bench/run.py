@@ -48,8 +48,12 @@ def find_outputs(root: Path) -> list[Path]:
 
 def load_target(name: str, directory: str, spec: dict, threads: int):
     from gptkiln.targets import get_target
+    from gptkiln.targets.openvino import StatefulRunner, kv_element_bytes
 
-    return get_target(name).load(Path(directory), DecoderSpec(**spec), threads=threads), {}
+    runner = get_target(name).load(Path(directory), DecoderSpec(**spec), threads=threads)
+    if isinstance(runner, StatefulRunner):  # its cache precision is a runtime setting
+        return runner, {"kv_element_bytes": kv_element_bytes(runner.request.get_compiled_model())}
+    return runner, {}
 
 
 def load_pytorch(model: str, threads: int, compiled: bool = False):
@@ -80,13 +84,12 @@ def load_openvino_ir(path: str, spec: dict, threads: int, parity_config: bool):
     import openvino as ov
 
     from gptkiln.config import RuntimeSettings
-    from gptkiln.targets.openvino import StatefulRunner, compile_config
+    from gptkiln.targets.openvino import StatefulRunner, compile_config, kv_element_bytes
 
     config = (compile_config(RuntimeSettings(threads=threads)) if parity_config
               else {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
     compiled = ov.Core().compile_model(path, "CPU", config)
-    kv_bits = compiled.get_property("KV_CACHE_PRECISION").bitwidth
-    return StatefulRunner(DecoderSpec(**spec), compiled), {"kv_element_bytes": max(1, kv_bits // 8)}
+    return StatefulRunner(DecoderSpec(**spec), compiled), {"kv_element_bytes": kv_element_bytes(compiled)}
 
 
 def engine_weight_bytes(directory: Path) -> int:

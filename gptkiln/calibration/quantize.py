@@ -40,6 +40,15 @@ class Trial:
 
 
 @dataclass
+class QuantizedGraph:  # one trial's graph
+    path: Path
+    quantized: int  # linear layers
+    total: int
+    not_quantizable: list[str]
+    narrowed: dict[str, int]
+
+
+@dataclass
 class QuantResult:
     path: Path  # the quantized graph every target compiles
     precision: Precision
@@ -47,7 +56,8 @@ class QuantResult:
     layers_quantized: int
     layers_total: int
     kept_fp32: list[str]  # groups the fallback kept in fp32
-    not_quantizable: list[str]  # layers the format cannot take (e.g. input size not a multiple of the block)
+    not_quantizable: list[str]  # layers the format cannot take (int4: input size not a multiple of 16)
+    narrowed_blocks: dict[str, int]  # int4 layers given a smaller block than asked (their input size) -> that block
     smoothing: list[Smoothed] = field(default_factory=list)
     calibration: dict | None = None
     statistics_cached: bool = False
@@ -61,7 +71,8 @@ class QuantResult:
     def to_dict(self) -> dict:
         return {"precision": self.precision.value, "method": self.method, "layers_quantized": self.layers_quantized,
                 "layers_total": self.layers_total, "kept_fp32": self.kept_fp32,
-                "not_quantizable": self.not_quantizable, "smoothing": [s.to_dict() for s in self.smoothing],
+                "not_quantizable": self.not_quantizable, "narrowed_blocks": self.narrowed_blocks,
+                "smoothing": [s.to_dict() for s in self.smoothing],
                 "calibration": self.calibration, "statistics_cached": self.statistics_cached,
                 "accuracy": self.accuracy.to_dict(), "trials": [t.to_dict() for t in self.trials],
                 "sensitivity": self.sensitivity}
@@ -121,13 +132,14 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
 
     trial_count = 0
 
-    def build(kept: set[str]) -> tuple[Path, int, int, list[str]]:
+    def build(kept: set[str]) -> QuantizedGraph:
         nonlocal trial_count
         trial_count += 1
         model = ir.load(base)
         every = linear_layers(model)
         chosen = [layer for layer in every if layer.group not in kept]
         not_quantizable: list[str] = []
+        narrowed: dict[str, int] = {}
         if precision is Precision.W8A8:
             quantize_w8a8(model, chosen, thresholds)
         elif precision is Precision.INT8_DYNAMIC:
@@ -135,20 +147,20 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         else:
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
             fmt = Int4Format(settings.int4_block_size, settings.int4_symmetric)
-            not_quantizable = quantize_int4(model, chosen, fmt, hessians)
+            not_quantizable, narrowed = quantize_int4(model, chosen, fmt, hessians)
         path = work / f"trial-{trial_count}" / MODEL_FILE
         path.parent.mkdir(parents=True)
         ir.save(model, path, external_data=DATA_FILE)
-        return path, len(chosen) - len(not_quantizable), len(every), not_quantizable
+        return QuantizedGraph(path, len(chosen) - len(not_quantizable), len(every), not_quantizable, narrowed)
 
-    def attempt(kept: list[str]):
-        path, quantized, total, not_quantizable = build(set(kept))
-        trial = Trial(list(kept), evaluate(path))
+    def attempt(kept: list[str]) -> tuple[QuantizedGraph, Trial]:
+        graph = build(set(kept))
+        trial = Trial(list(kept), evaluate(graph.path))
         say(f"    {'all layers' if not kept else 'fp32: ' + ', '.join(kept)}: perplexity "
             f"{trial.accuracy.ppl:.3f} ({trial.accuracy.ppl_increase_pct:+.2f}%), top-1 {trial.accuracy.top1_agreement:.2%}")
-        return path, trial, quantized, total, not_quantizable
+        return graph, trial
 
-    path, trial, quantized, total, not_quantizable = attempt([])
+    graph, trial = attempt([])
     trials, kept, sensitivity = [trial], [], {}
     if accuracy_failures(trial.accuracy, budget) and settings.fallback:
         say(f"    over budget: measuring the sensitivity of {len(groups)} layer groups")
@@ -157,13 +169,14 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         ranked = sorted(groups, key=lambda g: sensitivity[g][1].accuracy.ppl)
         for count in range(1, len(groups) // 2 + 1):
             kept = ranked[:count]
-            path, trial, quantized, total, not_quantizable = sensitivity[kept[0]] if count == 1 else attempt(kept)
+            graph, trial = sensitivity[kept[0]] if count == 1 else attempt(kept)
             trials.append(trial)
             if not accuracy_failures(trial.accuracy, budget):
                 break
     for directory in work.glob("trial-*"):
-        if directory != path.parent:
+        if directory != graph.path.parent:
             shutil.rmtree(directory)
-    return QuantResult(path, precision, method_description(precision, settings), quantized, total, kept,
-                       not_quantizable, smoothing, calibration.source if calibration else None, cached, trials,
+    return QuantResult(graph.path, precision, method_description(precision, settings), graph.quantized, graph.total,
+                       kept, graph.not_quantizable, graph.narrowed, smoothing,
+                       calibration.source if calibration else None, cached, trials,
                        {g: round(s[1].accuracy.ppl_increase_pct, 4) for g, s in sensitivity.items()})

@@ -8,7 +8,7 @@ weighted by the inverse Hessian sum(x xᵀ) of the calibration activations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ml_dtypes
 import numpy as np
@@ -17,6 +17,7 @@ import onnx_ir as ir
 from gptkiln.calibration.layers import LinearLayer, initializer
 
 MIN_OPSET = 21  # blocked DequantizeLinear and int4 tensors
+MIN_BLOCK = 16  # the smallest block a layer is narrowed to
 GPTQ_DAMPING = 0.01  # of the mean Hessian diagonal
 GPTQ_BLOCK = 128  # rows updated together (a multiple of the quantization block)
 
@@ -25,6 +26,14 @@ GPTQ_BLOCK = 128  # rows updated together (a multiple of the quantization block)
 class Int4Format:
     block_size: int
     symmetric: bool
+
+    def for_rows(self, rows: int) -> Int4Format | None:
+        """The format for a layer of `rows` input rows: the largest power-of-two block up to this
+        one that divides them (NNCF's "adjust" group-size fallback), None below MIN_BLOCK."""
+        block = self.block_size
+        while rows % block and block > MIN_BLOCK:
+            block //= 2
+        return None if rows % block else replace(self, block_size=block)
 
     @property
     def levels(self) -> tuple[int, int]:
@@ -89,16 +98,20 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, fmt: Int4Format):
     return codes, scales, zeros
 
 
-def quantize_int4(model: ir.Model, layers: list[LinearLayer], fmt: Int4Format,
-                  hessians: dict[str, np.ndarray] | None = None) -> list[str]:
+def quantize_int4(model: ir.Model, layers: list[LinearLayer], requested: Int4Format,
+                  hessians: dict[str, np.ndarray] | None = None) -> tuple[list[str], dict[str, int]]:
     """Replace each layer's weight by a blocked DequantizeLinear; GPTQ where a Hessian is given.
-    Returns the layers left in fp32 because their input size is not a multiple of the block."""
-    skipped = []
+    Returns the layers left in fp32 (input size not a multiple of MIN_BLOCK) and the layers
+    given a smaller block than requested, with that block."""
+    skipped, narrowed = [], {}
     for layer in layers:
         weight = layer.weight()
-        if weight.shape[0] % fmt.block_size:
+        fmt = requested.for_rows(weight.shape[0])
+        if fmt is None:
             skipped.append(layer.name)
             continue
+        if fmt != requested:
+            narrowed[layer.name] = fmt.block_size
         if hessians is not None:
             codes, scales, zeros = quantize_gptq(weight, hessians[layer.activation.name], fmt)
         else:
@@ -111,4 +124,4 @@ def quantize_int4(model: ir.Model, layers: list[LinearLayer], fmt: Int4Format,
         dequantize = ir.node("DequantizeLinear", inputs, attributes={"axis": 0, "block_size": fmt.block_size})
         model.graph.insert_before(layer.node, dequantize)
         layer.node.replace_input_with(1, dequantize.outputs[0])
-    return skipped
+    return skipped, narrowed

@@ -7,6 +7,7 @@ on; the first 256 KB of that split are saved as ``heldout.txt`` beside the weigh
 perplexity is measured on the same text on every machine.
 
 Reproduce with:  python -m gptkiln.models.train_reference [--steps N] [--out DIR]
+(--width / --heads train the same recipe at another size, for side studies.)
 Fixed seed, fixed step count. On a 2-core CPU (torch 2.13, Python 3.11.7 stdlib) the
 default run takes ~0.75 s a step, about 20 minutes (the committed run took 34 minutes on a
 shared machine, see training.json); the corpus differs slightly between Python versions,
@@ -82,12 +83,12 @@ def encode_corpus(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def model_config(tokenizer):
+def model_config(tokenizer, width: int = 192, heads: int = 6):
     from transformers import GPT2Config
 
     eos = tokenizer.convert_tokens_to_ids(EOS)
     return GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=512, n_embd=192, n_layer=4, n_head=6,
+        vocab_size=VOCAB_SIZE, n_positions=512, n_embd=width, n_layer=4, n_head=heads,
         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
@@ -105,7 +106,8 @@ def evaluate(model, tokens: torch.Tensor, seq: int, batches: int = 8) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-def train(out: Path, steps: int, batch: int = 32, seq: int = 128, lr: float = 3e-3) -> dict:
+def train(out: Path, steps: int, batch: int = 32, seq: int = 128, lr: float = 3e-3, width: int = 192,
+          heads: int = 6) -> dict:
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(SEED)
@@ -122,7 +124,7 @@ def train(out: Path, steps: int, batch: int = 32, seq: int = 128, lr: float = 3e
     print(f"tokenizer + encode: {time.time() - started:.0f}s; train tokens {len(train_ids):,}, "
           f"held-out tokens {len(held_ids):,}", flush=True)
 
-    config = model_config(tokenizer)
+    config = model_config(tokenizer, width, heads)
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
@@ -150,7 +152,7 @@ def train(out: Path, steps: int, batch: int = 32, seq: int = 128, lr: float = 3e
     tokenizer.save_pretrained(out)
     (out / "heldout.txt").write_text(held_text, encoding="utf-8")
     record = {
-        "steps": steps, "batch": batch, "seq": seq, "lr": lr, "seed": SEED,
+        "steps": steps, "batch": batch, "seq": seq, "lr": lr, "seed": SEED, "width": width, "heads": heads,
         "train_tokens": len(train_ids), "heldout_tokens": len(held_ids),
         "train_files": len(train_files), "heldout_files": len(held_files),
         "heldout_perplexity": round(heldout_ppl, 3), "seconds": round(time.time() - started),
@@ -165,9 +167,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--out", type=Path, default=REFERENCE_DIR)
+    parser.add_argument("--width", type=int, default=192, help="hidden size (default %(default)s)")
+    parser.add_argument("--heads", type=int, default=6, help="attention heads (default %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    train(args.out, args.steps)
+    train(args.out, args.steps, width=args.width, heads=args.heads)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptkiln.config import Precision, RuntimeSettings, Tolerances
-from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
+from gptkiln.config import BuildConfig, Precision, RuntimeSettings, Tolerances
+from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError, UsageError
 from gptkiln.exporter import io_spec
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
@@ -43,11 +43,16 @@ def _import_openvino():
 def compile_config(runtime: RuntimeSettings | None = None) -> dict:
     runtime = runtime or RuntimeSettings()
     precision = runtime.inference_precision
-    config = {"INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": precision,
+    config = {"INFERENCE_PRECISION_HINT": precision, "KV_CACHE_PRECISION": runtime.kv_cache_precision or precision,
               "PERFORMANCE_HINT": runtime.performance_hint}
     if runtime.threads:
         config["INFERENCE_NUM_THREADS"] = runtime.threads
     return config
+
+
+def kv_element_bytes(compiled) -> int:
+    """Bytes per element of the KV cache a compiled stateful model keeps (u8: 1, f16/bf16: 2, f32: 4)."""
+    return max(1, compiled.get_property("KV_CACHE_PRECISION").bitwidth // 8)
 
 
 def make_stateful(model, spec: DecoderSpec) -> None:
@@ -188,7 +193,7 @@ class OpenVinoTarget(Target):
         _import_openvino()
 
     def tolerances(self, build: Tolerances) -> Tolerances:
-        reduced = self.runtime.inference_precision != "f32"
+        reduced = {self.runtime.inference_precision, self.runtime.kv_cache_precision or "f32"} != {"f32"}
         return Tolerances.half() if reduced and build == Tolerances() else build  # an explicit --logits-rel holds
 
     def precision_warnings(self, ov) -> list[str]:
@@ -248,3 +253,10 @@ class OpenVinoStatelessTarget(OpenVinoTarget):
     name = "openvino-stateless"
     description = "OpenVINO CPU, the plain past/present IO contract"
     stateful = False
+
+    def check_build(self, config: BuildConfig) -> None:
+        super().check_build(config)
+        if (self.runtime.kv_cache_precision or "f32") != "f32":
+            raise UsageError("--kv-cache-precision sets the KV cache that the stateful openvino target keeps "
+                             "inside the model; openvino-stateless passes it in and out as fp32 tensors",
+                             "drop --kv-cache-precision for openvino-stateless (keep it for openvino)")

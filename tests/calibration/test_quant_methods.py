@@ -93,7 +93,7 @@ def test_int4_blocks_dequantize_in_onnxruntime_as_in_numpy(tmp_path, prepared_re
     for layer in layers:
         codes, scales, zeros = quantize_rtn(layer.weight(), fmt)
         expected[layer.name] = (codes - np.repeat(zeros, 32, axis=0)) * np.repeat(scales, 32, axis=0)
-    assert quantize_int4(model, layers, fmt) == []
+    assert quantize_int4(model, layers, fmt) == ([], {})
     int4 = tmp_path / "model.onnx"
     ir.save(model, int4, external_data=DATA_FILE)
     # the same graph with the numpy dequantized weights in fp32
@@ -109,6 +109,22 @@ def test_int4_blocks_dequantize_in_onnxruntime_as_in_numpy(tmp_path, prepared_re
     assert np.abs(ours - want).max() <= 0.02 * np.abs(want).max()
     code_types = {v.const_value.dtype for v in model.graph.initializers.values() if v.name.endswith(".int4")}
     assert code_types == {ir.DataType.INT4 if symmetric else ir.DataType.UINT4}
+
+
+def test_a_block_that_does_not_divide_a_layer_is_narrowed_for_that_layer(prepared_reference):
+    fmt = Int4Format(128, symmetric=False)
+    assert fmt.for_rows(768).block_size == 128 and fmt.for_rows(192).block_size == 64
+    assert fmt.for_rows(48).block_size == 16 and fmt.for_rows(200) is None
+    path, _ = prepared_reference
+    model = ir.load(path)
+    model.opset_imports[""] = 21
+    layers = linear_layers(model)
+    rows = {layer.name: layer.weight().shape[0] for layer in layers}
+    skipped, narrowed = quantize_int4(model, layers, fmt)
+    assert skipped == [] and narrowed == {name: 64 for name, k in rows.items() if k == 192}
+    assert sorted(set(rows.values())) == [192, 768] and len(narrowed) == 13  # qkv, attn out, mlp in; lm_head
+    blocks = [n.attributes.get_int("block_size") for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert sorted(blocks) == sorted(128 if k == 768 else 64 for k in rows.values())
 
 
 def test_gptq_has_lower_output_error_than_rtn(prepared_reference, calibration):

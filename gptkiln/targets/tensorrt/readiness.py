@@ -110,7 +110,8 @@ def _block_problems(node: ir.Node, block_size: int) -> list[str]:
         problems.append("blocked quantization is supported for int4 weights (DequantizeLinear) only")
     if block_size not in INT4_BLOCK_SIZES:
         problems.append(f"int4 block size {block_size}: TensorRT supports {' or '.join(map(str, INT4_BLOCK_SIZES))} "
-                        "(build with --int4-block-size 64 or 128)")
+                        "(build with --int4-block-size 64 or 128; a layer whose input size is not a multiple of "
+                        "64 gets a smaller block)")
     if data.shape is None or data.shape.rank() != 2 or ir.convenience.get_const_tensor(data) is None:
         problems.append("blocked quantization needs 2-D constant weights")
     if ir.convenience.get_const_tensor(scale) is None:

@@ -88,9 +88,12 @@ class TensorRTTarget(Target):
         self.check_precision(config.precision)
         check_settings(self.engine)
         quant = config.quant
-        if config.precision is Precision.INT4 and (not quant.int4_symmetric or quant.int4_block_size not in INT4_BLOCK_SIZES):
-            raise UsageError("TensorRT runs int4 only symmetric (no zero points) in blocks of 64 or 128",
-                             "add --int4-symmetric --int4-block-size 64 (or 128)")
+        if config.precision is Precision.INT4:
+            fixes = [] if quant.int4_symmetric else ["--int4-symmetric"]
+            fixes += [] if quant.int4_block_size in INT4_BLOCK_SIZES else ["--int4-block-size 128 (or 64)"]
+            if fixes:
+                raise UsageError("TensorRT runs int4 only symmetric (no zero points) in blocks of 64 or 128",
+                                 f"add {' '.join(fixes)}")
 
     def compile(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> dict:
         import onnx_ir as ir
