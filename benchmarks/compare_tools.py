@@ -78,27 +78,27 @@ def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, fam
     def evaluate(path: Path):  # the gate's measure, recorded beside the speed (not enforced here)
         return evaluation.measure(OnnxRuntimeRunner(spec, create_session(path)))
 
-    builds = [(p, t, None) for p, t in GPTKILN_BUILDS.items() if p is not Precision.INT4]
-    builds += [(Precision.INT4, GPTKILN_BUILDS[Precision.INT4], block) for block in int4_blocks]
+    # (precision, targets, its settings, a label suffix): one int4 build per block size, named by it when several
+    builds = [(p, t, base, "") for p, t in GPTKILN_BUILDS.items() if p is not Precision.INT4]
+    builds += [(Precision.INT4, GPTKILN_BUILDS[Precision.INT4], replace(base, int4_block_size=block),
+                f" g{block}" if len(int4_blocks) > 1 else "") for block in int4_blocks]
+    builds = [build for build in builds if family(build[0].value) in families]
+    with progress.stage("gptkiln: export"):
+        prepared = work / "prepared" / "model.onnx"  # opset 23: gptkiln's default (int4 needs >= 21)
+        prepare(export_onnx(loaded, work / "export", 23).path, prepared, spec)
     variants = []
-    for precision, targets, block in builds:
-        if family(precision.value) not in families:
-            continue
-        name = precision.value + (f"-g{block}" if len(int4_blocks) > 1 and block else "")
-        settings = replace(base, int4_block_size=block) if block else base
-        opset = 23  # gptkiln's default (int4 needs >= 21)
-        with progress.stage(f"gptkiln {name}: export, quantize, compile"):
-            graph = work / name / "prepared.onnx"
-            prepare(export_onnx(loaded, work / name / "export", opset).path, graph, spec)
+    for precision, targets, settings, suffix in builds:
+        name = precision.value + suffix.replace(" ", "-")
+        with progress.stage(f"gptkiln {name}: quantize, compile"):
+            graph = prepared
             if precision.quantized:
-                result = quantize(graph, work / name / "quantized", precision, settings, spec,
+                result = quantize(prepared, work / name / "quantized", precision, settings, spec,
                                   calibration, evaluate, AccuracyBudget.default(precision))
                 graph, accuracy[name] = result.path, asdict(result.trials[-1].accuracy)
             for target in targets:
                 directory = work / name / target
                 get_target(target).compile(graph, directory, spec)
-                label = f"gptkiln {target}" + (f" g{block}" if name != precision.value else "")
-                variants.append(engine_variant(label, target, precision, directory, asdict(spec)))
+                variants.append(engine_variant(f"gptkiln {target}{suffix}", target, precision, directory, asdict(spec)))
             if precision is Precision.FP32:  # the counterpart of optimum-intel's default config (f16 cache)
                 directory = work / name / "openvino-kv-f16"
                 get_target("openvino", RuntimeSettings(kv_cache_precision="f16")).compile(graph, directory, spec)
@@ -162,7 +162,8 @@ def main() -> None:
             variants.append(pytorch_variant(args.model, compiled=True))
         accuracy: dict = {}
         families = set(args.precision or FAMILIES)
-        variants += gptkiln_variants(loaded, work, progress, accuracy, families, args.int4_block_size or [0])
+        variants += gptkiln_variants(loaded, work, progress, accuracy, families,
+                                     args.int4_block_size or [QuantSettings.int4_block_size])
         if args.optimum:
             variants += optimum_variants(args.optimum, spec, families)
         if args.optimum_intel:

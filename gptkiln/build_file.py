@@ -8,7 +8,7 @@
     options:                     # any `gptkiln export` option, by its long name
       int4-method: rtn
       calibration: data/calibration.txt
-    target_options:              # per target: threads, performance-hint, inference-precision
+    target_options:              # per target: threads, performance-hint, inference-precision, kv-cache-precision
       openvino: {threads: 2}
 
 The file's keys and types are checked before anything is built; a mistake names the key and

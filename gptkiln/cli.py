@@ -432,7 +432,7 @@ def _quant_line(quantization: dict) -> str:
     smoothed = len(quantization["smoothing"])
     method = quantization["method"]
     details = ", ".join(f"{k} {v}" for k, v in method.items())
-    narrowed = Counter(quantization["narrowed_blocks"].values())
+    narrowed = Counter(quantization.get("narrowed_blocks", {}).values())  # absent from earlier builds' manifests
     return (f"{quantization['layers_quantized']}/{quantization['layers_total']} linear layers quantized "
             f"({details}); kept in fp32: {kept}" + (f"; SmoothQuant on {smoothed} activations" if smoothed else "")
             + "".join(f"; {n} layers in blocks of {block} (their input size)" for block, n in sorted(narrowed.items())))

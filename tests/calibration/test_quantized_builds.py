@@ -4,6 +4,8 @@ passes; the mixed-precision fallback finds the layers that need fp32; bad input 
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 
 import onnx
@@ -15,7 +17,7 @@ from gptkiln.cli import main
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
 from gptkiln.config import AccuracyBudget, BuildConfig, CalibrationSettings, ParitySettings, Precision, QuantSettings
 from gptkiln.errors import ParityError
-from gptkiln.manifest import read_manifest
+from gptkiln.manifest import MANIFEST, read_manifest
 from gptkiln.models.loading import REFERENCE_DIR, load_model
 from gptkiln.pipeline import build, verify
 
@@ -76,6 +78,18 @@ def test_verify_reruns_the_accuracy_gate(w8a8_build):
     _, output = w8a8_build
     result = verify(output, None, ParitySettings())
     assert result.ok and all(t.accuracy.ppl_increase_pct <= 1.5 for t in result.targets)
+
+
+def test_verify_reads_a_manifest_from_before_narrowed_blocks(w8a8_build, tmp_path, capsys):
+    """Outputs built before `narrowed_blocks` was recorded still verify, summary line included."""
+    _, output = w8a8_build
+    old = tmp_path / "old"
+    shutil.copytree(output, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    del manifest["quantization"]["narrowed_blocks"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["verify", str(old)]) == 0
+    assert "linear layers quantized" in capsys.readouterr().out
 
 
 def test_outliers_break_naive_w8a8_and_smoothquant_fixes_it(tmp_path, calibration_text):
