@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=64)
     args = parser.parse_args()
-    spec = DecoderSpec(**json.loads((args.gptkiln / "manifest.json").read_text())["spec"])
+    spec = DecoderSpec.from_dict(json.loads((args.gptkiln / "manifest.json").read_text())["spec"])
     ours, theirs = str(args.gptkiln / "openvino" / IR_FILE), str(args.optimum_intel)
     variants = {
         "gptkiln, f32 KV cache": (ours, compile_config(RuntimeSettings(threads=args.threads))),

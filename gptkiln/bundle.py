@@ -128,7 +128,7 @@ class OpenedBundle:
         from gptkiln.runtime.text import TextCodec
         from gptkiln.targets import get_target
 
-        spec = DecoderSpec(**self.manifest["spec"])
+        spec = DecoderSpec.from_dict(self.manifest["spec"])
         return Session(self.target, get_target(self.target).load(self.root / self.target, spec), TextCodec(self.root))
 
     def close(self) -> None:

@@ -391,9 +391,20 @@ def _summary(result) -> str:
     fusions = [f"fusion  {t.name}: {_fusion_line(t.settings['fusion'])}" for t in result.targets]
     quantized = [f"quant   {_quant_line(result.quantization)}"] if result.quantization else []
     prepared = [_prepared_lines(t) for t in result.targets if not t.compiled]
-    return (f"model   {result.model['name']} ({result.spec.model_type}, {result.spec.num_layers} layers)\n"
+    return (f"model   {_model_line(result.model, result.spec)}\n"
             f"output  {result.output}\nstages  {stages}\n" + "\n".join(quantized + fusions) + "\n\n"
             + (text_table(rows) if compiled else "") + "".join(prepared))
+
+
+def _model_line(model: dict, spec) -> str:
+    line = f"{model['name']} ({spec.family}, {spec.num_layers} layers)"
+    if "gguf" in model:
+        types = ", ".join(f"{count} {kind}" for kind, count in model["gguf"]["tensor_types"].items())
+        line += f"\n        from GGUF, dequantized to float32 (tensors stored as {types})"
+    if not spec.tested:
+        line += (f"\n        note: '{spec.model_type}' is not among the families gptkiln's suite tests; "
+                 "the parity gate below is what proves this build")
+    return line
 
 
 def text_table(rows: list[tuple]) -> str:

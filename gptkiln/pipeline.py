@@ -120,6 +120,7 @@ class BuildResult:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "output": str(self.output), "model": self.model, "spec": self.spec.to_dict(),
+                "family": {"name": self.spec.family, "tested": self.spec.tested},
                 "export": self.export, "precision": self.precision.value, "quantization": self.quantization,
                 "half": self.half, "targets": {t.name: t.to_dict() for t in self.targets},
                 "stage_seconds": self.stage_seconds, "cached_stages": self.cached_stages,
@@ -152,8 +153,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
     try:
         state = _BuildState(config, plan, cache, work / STAGES_DIR, progress, inputs)
         exported = state.stage("export to ONNX", "export", plan.export, state.export)
-        result = BuildResult(output, plan.source, DecoderSpec(**exported.record["spec"]), exported.record["export"],
-                             config.precision, plan=plan)
+        result = BuildResult(output, plan.source, DecoderSpec.from_dict(exported.record["spec"]),
+                             exported.record["export"], config.precision, plan=plan)
         graph = exported
         if config.precision.quantized:
             graph = state.stage(f"quantize {config.precision.value}", "quantize", plan.quantize, state.quantize(graph))
@@ -275,7 +276,7 @@ def up_to_date(output: Path, plan: BuildPlan) -> BuildResult | None:
 
 
 def result_from_manifest(output: Path, manifest: dict) -> BuildResult:
-    return BuildResult(output, manifest["model"], DecoderSpec(**manifest["spec"]), manifest["export"],
+    return BuildResult(output, manifest["model"], DecoderSpec.from_dict(manifest["spec"]), manifest["export"],
                        Precision(manifest["precision"]), manifest.get("quantization"), manifest.get("half"),
                        [TargetResult.from_dict(name, data) for name, data in manifest["targets"].items()])
 

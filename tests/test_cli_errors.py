@@ -44,14 +44,72 @@ def test_directory_that_is_not_a_model(tmp_path, capsys):
 
 
 def test_encoder_only_model(tmp_path, capsys):
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from gptkiln.models.loading import REFERENCE_DIR
 
     BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
                                intermediate_size=64, vocab_size=100)).save_pretrained(tmp_path / "bert")
+    AutoTokenizer.from_pretrained(REFERENCE_DIR).save_pretrained(tmp_path / "bert")
     code, _, err = run_cli(capsys, "export", str(tmp_path / "bert"), "-o", str(tmp_path / "out"))
     assert code == 5
-    assert "model type 'bert' is not a supported decoder-only causal LM" in err and "GPT-2 (gpt2)" in err
+    assert "'bert' is an encoder (masked-LM) model; gptkiln exports decoder-only causal LMs" in err and "Llama" in err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+
+
+def copy_model(tiny_model_dir, tmp_path, name="model"):
+    import shutil
+
+    return shutil.copytree(tiny_model_dir("llama"), tmp_path / name)
+
+
+def export_fails(capsys, tmp_path, model) -> tuple[int, str]:
+    code, _, err = run_cli(capsys, "export", str(model), "-o", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+    assert "Traceback" not in err and "fix:" in err
+    return code, err
+
+
+def test_a_directory_without_tokenizer_files_is_refused_before_export(tmp_path, capsys, tiny_model_dir):
+    """generation_config.json and tokenizer_config.json are no tokenizer: transformers 5 would build an empty one."""
+    model = copy_model(tiny_model_dir, tmp_path)
+    for file in model.iterdir():
+        if file.name not in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"):
+            file.unlink()
+    code, err = export_fails(capsys, tmp_path, model)
+    assert code == 4 and "has no tokenizer" in err and "[1] export" not in err
+
+
+def test_truncated_weights_are_refused(tmp_path, capsys, tiny_model_dir):
+    model = copy_model(tiny_model_dir, tmp_path)
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:100_000])
+    code, err = export_fails(capsys, tmp_path, model)
+    assert code == 4 and "cannot be loaded" in err and "SafetensorError" in err
+
+
+@pytest.mark.parametrize("change,says", [({"intermediate_size": 96}, "6 of another shape"),
+                                         ({"num_hidden_layers": 3}, "9 missing")])
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path, capsys, tiny_model_dir, change, says):
+    """transformers would fill the gaps with random weights and only warn."""
+    model = copy_model(tiny_model_dir, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **change}))
+    code, err = export_fails(capsys, tmp_path, model)
+    assert code == 4 and "do not match its config.json" in err and says in err and "mlp" in err
+
+
+def test_a_model_that_needs_remote_code_is_refused_without_a_prompt(tmp_path, capsys, tiny_model_dir):
+    model = copy_model(tiny_model_dir, tmp_path)
+    (model / "config.json").write_text(json.dumps({"model_type": "mycustom", "architectures": ["MyModel"],
+                                                   "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    code, err = export_fails(capsys, tmp_path, model)
+    assert code == 5 and "trust_remote_code" in err and "does not run code that comes with a model" in err
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path, capsys):
+    (tmp_path / "model.gguf").write_bytes(b"not a gguf file" * 100)
+    code, err = export_fails(capsys, tmp_path, tmp_path / "model.gguf")
+    assert code == 4 and "not a readable GGUF file" in err
 
 
 def test_existing_non_empty_output_without_force(tmp_path, capsys, tiny_model_dir):

@@ -72,3 +72,26 @@ def test_prefill_with_empty_past_and_decode_with_batch_8(reference_build):
     config = GenerationConfig(max_new_tokens=4)
     tokens = generate(runner, prompts, config)
     assert tokens == [generate(runner, [p], config)[0] for p in prompts]
+
+
+def test_every_weight_is_named_after_the_parameter_it_came_from(tiny_model_dir, tmp_path):
+    """No `val_N` weights: the same tensor as a parameter takes its name, a transposed copy the name + '.T'.
+    The quantization fallback's groups then follow the model's blocks (the DecoderSpec), plus the lm_head."""
+    import onnx_ir as ir
+
+    from gptkiln.calibration.layers import linear_layers
+    from gptkiln.exporter.to_onnx import export_onnx
+    from gptkiln.models.loading import load_model
+
+    loaded = load_model(str(tiny_model_dir("llama")))
+    graph = ir.load(export_onnx(loaded, tmp_path, opset=23).path)
+    parameters = {name: tensor.detach().numpy() for name, tensor in loaded.model.state_dict().items()}
+    weights = {name: value.const_value.numpy() for name, value in graph.graph.initializers.items()
+               if value.const_value is not None and value.const_value.size >= 64}
+    assert len(weights) >= 7 * loaded.spec.num_layers + 2
+    for name, array in weights.items():
+        source = name.removesuffix(".T")
+        assert source in parameters, name
+        np.testing.assert_array_equal(array, parameters[source].T if name.endswith(".T") else parameters[source])
+    groups = {layer.group(loaded.spec) for layer in linear_layers(graph)}
+    assert groups == {"block 0", "block 1", "lm_head.weight.T"}

@@ -43,7 +43,7 @@ def _tiny(model_type, **overrides):
 
     class_name, fields = TINY_CONFIGS[model_type]
     torch.manual_seed(0)
-    config = getattr(transformers, class_name)(vocab_size=VOCAB, **{**fields, **overrides})
+    config = getattr(transformers, class_name)(vocab_size=VOCAB, pad_token_id=0, **{**fields, **overrides})
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 

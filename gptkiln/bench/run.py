@@ -50,7 +50,7 @@ def load_target(name: str, directory: str, spec: dict, threads: int):
     from gptkiln.targets import get_target
     from gptkiln.targets.openvino import StatefulRunner, kv_element_bytes
 
-    runner = get_target(name).load(Path(directory), DecoderSpec(**spec), threads=threads)
+    runner = get_target(name).load(Path(directory), DecoderSpec.from_dict(spec), threads=threads)
     if isinstance(runner, StatefulRunner):  # its cache precision is a runtime setting
         return runner, {"kv_element_bytes": kv_element_bytes(runner.request.get_compiled_model())}
     return runner, {}
@@ -75,7 +75,7 @@ def load_onnx_file(path: str, spec: dict, threads: int):
     """Another tool's ONNX that speaks the IO contract (optimum's does), run by ONNX Runtime."""
     from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
 
-    return OnnxRuntimeRunner(DecoderSpec(**spec), create_session(Path(path), threads)), {}
+    return OnnxRuntimeRunner(DecoderSpec.from_dict(spec), create_session(Path(path), threads)), {}
 
 
 def load_openvino_ir(path: str, spec: dict, threads: int, parity_config: bool):
@@ -89,7 +89,7 @@ def load_openvino_ir(path: str, spec: dict, threads: int, parity_config: bool):
     config = (compile_config(RuntimeSettings(threads=threads)) if parity_config
               else {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
     compiled = ov.Core().compile_model(path, "CPU", config)
-    return StatefulRunner(DecoderSpec(**spec), compiled), {"kv_element_bytes": kv_element_bytes(compiled)}
+    return StatefulRunner(DecoderSpec.from_dict(spec), compiled), {"kv_element_bytes": kv_element_bytes(compiled)}
 
 
 def engine_weight_bytes(directory: Path) -> int:
@@ -142,7 +142,7 @@ def bench(root: Path, settings: BenchSettings, progress) -> dict:
     for output, manifest in manifests.items():
         variants += output_variants(output, manifest)
     variants = _distinct_labels(variants, root)
-    report = measure_all(variants, DecoderSpec(**first["spec"]), outputs[0], settings, progress)
+    report = measure_all(variants, DecoderSpec.from_dict(first["spec"]), outputs[0], settings, progress)
     return {"model": first["model"], **report,
             "builds": {str(o): m.get("build", {}).get("key") for o, m in manifests.items()}}
 

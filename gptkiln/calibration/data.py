@@ -46,7 +46,8 @@ def read_texts(path: Path, jsonl_field: str = "text") -> list[str]:
     if not path.exists():
         raise CalibrationError(f"text data '{path}' does not exist", "give an existing text file, JSONL file or directory")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
+        files = sorted(p for p in path.rglob("*")  # hidden below `path` only: it may itself sit under ~/.pyenv
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise CalibrationError(f"directory '{path}' holds no files", "put text files in it, or give a file")
         return [text for file in files for text in read_texts(file, jsonl_field)]

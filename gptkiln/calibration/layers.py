@@ -1,17 +1,16 @@
 """The layers quantization works on: MatMuls with a constant weight, found in the ONNX graph
-(so every family is covered the same way), grouped by transformer block for the
-mixed-precision fallback.
+(so every family is covered the same way), grouped by transformer block (the DecoderSpec's
+`blocks_path`, over the parameter names the exporter restored) for the mixed-precision fallback.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-BLOCK_INDEX = re.compile(r"(?:^|[./_])(?:h|layers|layer|blocks|block)[./_](\d+)[./_]")
+from gptkiln.models.spec import DecoderSpec
 
 
 @dataclass
@@ -25,11 +24,10 @@ class LinearLayer:
     def name(self) -> str:
         return self.weight_name
 
-    @property
-    def group(self) -> str:
+    def group(self, spec: DecoderSpec) -> str:
         """'block N' for a transformer block's layers, else the weight's own name (e.g. the lm_head)."""
-        match = BLOCK_INDEX.search(self.weight_name)
-        return f"block {int(match.group(1))}" if match else self.weight_name
+        block = spec.block_of(self.weight_name)
+        return f"block {block}" if block is not None else self.weight_name
 
     def weight(self) -> np.ndarray:
         """[K, N] float32, as the MatMul sees it."""

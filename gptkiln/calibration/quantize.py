@@ -111,7 +111,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     model = ir.load(prepared)
     layers = linear_layers(model)
     names = sorted({layer.activation.name for layer in layers})
-    groups = list(dict.fromkeys(layer.group for layer in layers))  # smoothing keeps names, so groups hold
+    groups = list(dict.fromkeys(layer.group(spec) for layer in layers))  # smoothing keeps names, so groups hold
     if precision is Precision.W8A8:
         stats = collect(prepared, names, calibration, spec)
         cached = stats.cached
@@ -137,7 +137,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         trial_count += 1
         model = ir.load(base)
         every = linear_layers(model)
-        chosen = [layer for layer in every if layer.group not in kept]
+        chosen = [layer for layer in every if layer.group(spec) not in kept]
         not_quantizable: list[str] = []
         narrowed: dict[str, int] = {}
         if precision is Precision.W8A8:

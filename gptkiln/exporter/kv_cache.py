@@ -47,15 +47,20 @@ class KVCacheDecoder(nn.Module):
         cache = DynamicCache()  # no config: every layer keeps its full past (the contract)
         for layer in range(self.spec.num_layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        dtype = past[0].dtype
-        mask = attention_bias(attention_mask, input_ids.shape[1], dtype)
-        if self.spec.sliding_window is not None:
-            window_mask = attention_bias(attention_mask, input_ids.shape[1], dtype, self.spec.sliding_window)
-            mask = {"full_attention": mask, "sliding_attention": window_mask}
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, attention_mask=self.masks(attention_mask, input_ids.shape[1], past[0].dtype),
+                         position_ids=position_ids, cache=cache, use_cache=True)
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
+    def masks(self, attention_mask, seq_len: int, dtype):
+        """The additive mask every layer gets, or one per layer kind (alternating local/global layers)."""
+        spec = self.spec
+        full = attention_bias(attention_mask, seq_len, dtype)
+        if spec.sliding_window is None:
+            return full
+        windowed = attention_bias(attention_mask, seq_len, dtype, spec.sliding_window)
+        if spec.per_layer_masks:
+            return {"full_attention": full, "sliding_attention": windowed}
+        return windowed  # every layer attends through the window (Mistral, Phi-3)

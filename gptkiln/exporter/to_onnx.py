@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from gptkiln.errors import ExportError
-from gptkiln.exporter import io_spec
+from gptkiln.exporter import attention_op, io_spec
 from gptkiln.exporter.io_spec import MODEL_FILE
 from gptkiln.exporter.kv_cache import KVCacheDecoder
+from gptkiln.exporter.names import restore_parameter_names
 from gptkiln.models.loading import LoadedModel
 
 # Example sizes >= 2 so torch.export does not specialise batch, sequence or past to 0/1.
@@ -64,6 +65,7 @@ def export_onnx(loaded: LoadedModel, out_dir: Path, opset: int) -> ExportResult:
                 input_names=[t.name for t in io_spec.inputs(spec)],
                 output_names=[t.name for t in io_spec.outputs(spec)],
                 opset_version=opset, dynamo=True, optimize=True, verbose=False,
+                custom_translation_table=attention_op.translation_table(opset),
             )
     except Exception as exc:  # torch.export raises many types; all mean the same to the user
         raise ExportError(
@@ -78,6 +80,7 @@ def export_onnx(loaded: LoadedModel, out_dir: Path, opset: int) -> ExportResult:
     if control_flow:
         raise ExportError(f"export: the graph has control-flow nodes {sorted(set(control_flow))}",
                           "report this: the decoder graph must be straight-line for every target")
+    restore_parameter_names(program.model, wrapper)
     program.model.metadata_props.update({"gptkiln.model_type": spec.model_type})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILE

@@ -1,6 +1,8 @@
 """Graph passes and fusions. Each target names the fusion sets it takes (Target.fusion_sets):
 
 - "portable": rewrites into standard ONNX ops that every runtime reads;
+- "grouped_attention": Attention reading fewer K/V heads than query heads (standard ops, but not
+  every runtime's path executes it);
 - "onnxruntime": com.microsoft contrib ops, which only ONNX Runtime runs.
 """
 
@@ -10,15 +12,18 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from gptkiln.graph import attention, fast_gelu, gelu, gemm_to_matmul, skip_layer_norm
+from gptkiln.graph import (attention, fast_gelu, gelu, gemm_to_matmul, gqa_attention, onnx_attention, rms_normalization,
+                           rotary_embedding, skip_layer_norm, skip_rms_norm)
 from gptkiln.graph.cleanup import cleanup
 from gptkiln.graph.fusion import Fusion, FusionCount
 from gptkiln.models.spec import DecoderSpec
 
 # In the order they run: later fusions rely on earlier ones (FastGelu's bias on GemmToMatMul,
-# and it also takes the Gelu that the portable rule makes).
-FUSIONS: tuple[Fusion, ...] = (gemm_to_matmul.FUSION, gelu.FUSION, attention.FUSION, skip_layer_norm.FUSION,
-                               fast_gelu.FUSION)
+# and it also takes the Gelu that the portable rule makes; SkipSimplifiedLayerNormalization
+# takes the RMSNormalization).
+FUSIONS: tuple[Fusion, ...] = (gemm_to_matmul.FUSION, gelu.FUSION, rms_normalization.FUSION, rotary_embedding.FUSION,
+                               onnx_attention.FUSION, gqa_attention.FUSION, attention.FUSION, skip_layer_norm.FUSION,
+                               skip_rms_norm.FUSION, fast_gelu.FUSION)
 
 
 @dataclass

@@ -27,25 +27,30 @@ class SkipLayerNorm(pattern.RewriteRuleClassBase):
         attrs = normed.producer().attributes
         if attrs.get_int("axis", -1) != -1:
             return result.fail("LayerNormalization is not over the last axis", normed.producer())
-        for name, value in (("input", a), ("skip", b)):
-            if value.shape is None or value.shape.rank() != 3:
-                return result.fail(f"{name} must be [batch, seq, hidden], got {value.shape}", value)
-        for dim_a, dim_b in zip(a.shape, b.shape):
-            # Add broadcasts a size-1 axis; SkipLayerNormalization does not. Symbolic dims that
-            # are spelled differently are equal at run time (the Add would fail otherwise).
-            sizes = [d for d in (dim_a, dim_b) if isinstance(d, int)]
-            if (1 in sizes and dim_a != dim_b) or (len(sizes) == 2 and dim_a != dim_b):
-                return result.fail(f"input {a.shape} and skip {b.shape} would broadcast", b)
-        for name, value in (("gamma", gamma), ("beta", beta)):
-            if value.const_value is None or value.shape is None or value.shape.rank() != 1:
-                return result.fail(f"{name} is not a constant 1-D tensor", value)
-        return result
+        return check_residual_inputs(result, a, b, {"gamma": gamma, "beta": beta})
 
     def rewrite(self, op, a, b, gamma, beta, normed, **_):
         epsilon = normed.producer().attributes.get_float("epsilon", 1e-5)
         out, _, _, total = op.SkipLayerNormalization(a, b, gamma, beta, epsilon=epsilon,
                                                      _domain="com.microsoft", _outputs=4)
         return out, total
+
+
+def check_residual_inputs(result: pattern.MatchResult, a, b, weights: dict) -> pattern.MatchResult:
+    """Both Add inputs [batch, seq, hidden] without broadcasting; the norm's weights constant 1-D tensors."""
+    for name, value in (("input", a), ("skip", b)):
+        if value.shape is None or value.shape.rank() != 3:
+            return result.fail(f"{name} must be [batch, seq, hidden], got {value.shape}", value)
+    for dim_a, dim_b in zip(a.shape, b.shape):
+        # Add broadcasts a size-1 axis; the Skip*Normalization ops do not. Symbolic dims that
+        # are spelled differently are equal at run time (the Add would fail otherwise).
+        sizes = [d for d in (dim_a, dim_b) if isinstance(d, int)]
+        if (1 in sizes and dim_a != dim_b) or (len(sizes) == 2 and dim_a != dim_b):
+            return result.fail(f"input {a.shape} and skip {b.shape} would broadcast", b)
+    for name, value in weights.items():
+        if value.const_value is None or value.shape is None or value.shape.rank() != 1:
+            return result.fail(f"{name} is not a constant 1-D tensor", value)
+    return result
 
 
 def _rules() -> pattern.RewriteRuleSet:

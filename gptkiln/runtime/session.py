@@ -36,5 +36,5 @@ def open_output(output: Path, target: str | None = None) -> Session:
     name = target or built[0]
     if name not in built:
         raise UsageError(f"'{output}' has no '{name}' build", f"use one of: {', '.join(built)}")
-    spec = DecoderSpec(**manifest["spec"])
+    spec = DecoderSpec.from_dict(manifest["spec"])
     return Session(name, get_target(name).load(output / name, spec), TextCodec(output))

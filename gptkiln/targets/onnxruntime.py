@@ -60,7 +60,7 @@ class OnnxRuntimeRunner(Runner):
 class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     description = "ONNX Runtime (CPU; CUDA when onnxruntime-gpu sees a GPU)"
-    fusion_sets = ("portable", "onnxruntime")
+    fusion_sets = ("portable", "grouped_attention", "onnxruntime")
     # bf16: ORT's CPU kernels lack it (no Where, MatMul, ... for bfloat16)
     precisions = (Precision.FP32, Precision.W8A8, Precision.INT8_DYNAMIC, Precision.INT4, Precision.FP16)
     runtime_module = "onnxruntime"

@@ -181,7 +181,7 @@ class StatelessRunner(Runner):
 class OpenVinoTarget(Target):
     name = "openvino"
     description = "OpenVINO CPU, KV cache kept as model state"
-    fusion_sets = ("portable",)
+    fusion_sets = ("portable", "grouped_attention")
     # int8-dynamic's MatMulInteger is decomposed by OpenVINO into an fp32 MatMul over int32
     # weights (4x the int8 size; slower than fp32 in a side study), so it is refused;
     # w8a8 and int4 stay int8/int4 inside OpenVINO
@@ -252,6 +252,10 @@ class OpenVinoTarget(Target):
 class OpenVinoStatelessTarget(OpenVinoTarget):
     name = "openvino-stateless"
     description = "OpenVINO CPU, the plain past/present IO contract"
+    # OpenVINO 2026.4's CPU plugin runs a stateless ONNX Attention with 1 < kv_heads < heads into a
+    # shape error ("Incompatible MatMul batch dimension"); the stateful SDPA takes it. So this target
+    # keeps transformers' repeated K/V.
+    fusion_sets = ("portable",)
     stateful = False
 
     def check_build(self, config: BuildConfig) -> None:

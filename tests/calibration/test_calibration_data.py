@@ -77,3 +77,13 @@ def test_too_few_tokens_names_the_numbers(tokenizer):
     with pytest.raises(CalibrationError, match=r"fewer than the 4 samples asked") as error:
         calibration_set(["def f(x):\n    return x\n"], tokenizer, SMALL, "tiny.txt")
     assert "lower --calibration-samples" in error.value.fix
+
+
+def test_a_directory_below_a_hidden_one_is_read_and_its_own_hidden_files_skipped(tmp_path):
+    """e.g. the standard library's email/ of a pyenv Python (~/.pyenv/versions/.../email)."""
+    data = tmp_path / ".pyenv" / "lib" / "email"
+    (data / ".cache").mkdir(parents=True)
+    (data / "parser.py").write_text("def parse(): pass\n")
+    (data / ".hidden.txt").write_text("skipped\n")
+    (data / ".cache" / "x.txt").write_text("skipped too\n")
+    assert read_texts(data) == ["def parse(): pass\n"]

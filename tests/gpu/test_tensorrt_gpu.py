@@ -66,6 +66,6 @@ def test_an_engine_for_another_gpu_is_refused(tmp_path, capsys):
     config = json.loads(config_path.read_text())
     config["requires"]["compute_capability"] = "5.0"
     config_path.write_text(json.dumps(config))
-    spec = DecoderSpec(**read_manifest(out, check_files=False)["spec"])
+    spec = DecoderSpec.from_dict(read_manifest(out, check_files=False)["spec"])
     with pytest.raises(TargetUnavailableError, match="needs a GPU of compute capability 5.0"):
         TensorRTTarget().load(out / "tensorrt", spec)
