@@ -32,7 +32,8 @@ TOP_LEVEL = {"output": str, "models": list, "precisions": list, "targets": list,
              "target_options": dict}
 STRUCTURAL = {"model", "output", "targets", "quantize", "force", "json", "handler"}  # set by the file's own keys
 # RuntimeSettings (trt_*: under options)
-TARGET_OPTIONS = {"threads", "performance_hint", "inference_precision", "kv_cache_precision"}
+TARGET_OPTIONS = {"threads", "performance_hint", "inference_precision", "kv_cache_precision",
+                  "dynamic_quantization_group"}
 PATH_OPTIONS = {"calibration", "eval_text"}
 
 
@@ -152,7 +153,8 @@ def _target_options(where, raw: dict, actions: dict, targets: list[str]) -> dict
             dest = name.replace("-", "_")
             if dest not in TARGET_OPTIONS:
                 raise ConfigError(f"{where('target_options', target, name)}: '{name}' is not a per-target setting",
-                                  "use threads, performance-hint, inference-precision or kv-cache-precision "
+                                  "use threads, performance-hint, inference-precision, kv-cache-precision or "
+                                  "dynamic-quantization-group "
                                   "(engine options go under options:)")
             values[dest] = _option_value(where, ("target_options", target, name), value, actions[dest])
         if values.get("threads", 0) < 0:

@@ -25,7 +25,7 @@ from gptkiln.models.loading import model_source
 from gptkiln.stage_cache import stage_key
 from gptkiln.targets.base import Target
 
-INT4_MIN_OPSET = 21  # blocked DequantizeLinear
+WEIGHT_ONLY_MIN_OPSET = 21  # blocked DequantizeLinear
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def plan_build(config: BuildConfig, targets: list[Target], texts: dict[str, list
 
 
 def effective_opset(config: BuildConfig) -> int:
-    return max(config.opset, INT4_MIN_OPSET) if config.precision is Precision.INT4 else config.opset
+    return max(config.opset, WEIGHT_ONLY_MIN_OPSET) if config.precision.weight_only else config.opset
 
 
 def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
@@ -76,6 +76,8 @@ def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
     if precision is Precision.INT4:
         settings.update(method=quant.int4_method.value, block_size=quant.int4_block_size,
                         symmetric=quant.int4_symmetric)
+    if precision is Precision.INT8:
+        settings.update(block_size=quant.int8_block_size)
     if precision is Precision.W8A8 or (precision is Precision.INT4 and quant.int4_method.value == "gptq"):
         settings["calibration"] = asdict(quant.calibration)
     return settings

@@ -115,6 +115,9 @@ def _add_export_arguments(export: argparse.ArgumentParser) -> None:
     export.add_argument("--kv-cache-precision", choices=["f32", "f16", "u8"],
                         help="OpenVINO's stateful KV cache storage (default: the inference precision; f16/u8 read "
                              "fewer bytes per step and are held to the half-precision bars)")
+    export.add_argument("--dynamic-quantization-group", type=int,
+                        help="OpenVINO: quantize the activations of integer-weight layers to int8 per group of N at "
+                             "run time (0: off; default: off for --quantize int8, the CPU's 32 otherwise)")
     _add_quantization_options(export)
     _add_engine_options(export)
     export.add_argument("--decode-steps", type=int, default=ParitySettings.decode_steps,
@@ -186,11 +189,14 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
                        help="input rows per int4 scale; a layer whose input size is not a multiple gets the largest "
                             "power of two that divides it (default %(default)s)")
     group.add_argument("--int4-symmetric", action="store_true", help="int4 without zero points")
+    group.add_argument("--int8-block-size", type=int, default=defaults.int8_block_size,
+                       help="input rows per scale of weight-only int8 (symmetric; default %(default)s)")
     group.add_argument("--eval-text", type=Path, help="held-out text for the accuracy gate "
                                                       "(default: the reference model's held-out split)")
     group.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens, help="default %(default)s")
     group.add_argument("--max-ppl-increase", type=float,
-                       help="accuracy budget, percent (default 1.5 for int8, 5 for int4)")
+                       help="accuracy budget, percent (default 0.5 for int8, 1.5 for w8a8 and int8-dynamic, "
+                            "5 for int4)")
     group.add_argument("--no-fallback", action="store_true",
                        help="fail instead of keeping the most sensitive layers in fp32")
 
@@ -224,9 +230,9 @@ def _quant_settings(args) -> QuantSettings:
                          "fix the option values")
     if args.smoothquant_alpha is not None and not 0 <= args.smoothquant_alpha <= 1:
         raise UsageError(f"--smoothquant-alpha must be in [0, 1], got {args.smoothquant_alpha}", "fix the value")
-    size = args.int4_block_size
-    if size < 16 or size & (size - 1):
-        raise UsageError(f"--int4-block-size must be a power of two >= 16, got {size}", "use 32, 64 or 128")
+    for option, size in (("--int4-block-size", args.int4_block_size), ("--int8-block-size", args.int8_block_size)):
+        if size < 16 or size & (size - 1):
+            raise UsageError(f"{option} must be a power of two >= 16, got {size}", "use 32, 64 or 128")
     if not 0 < args.percentile <= 100:
         raise UsageError(f"--percentile must be in (0, 100], got {args.percentile}", "fix the value")
     budget = None
@@ -240,8 +246,9 @@ def _quant_settings(args) -> QuantSettings:
     return QuantSettings(calibration=calibration, activations=ActivationCalibration(args.activations),
                          percentile=args.percentile,
                          smoothquant_alpha=None if args.no_smoothquant else args.smoothquant_alpha,
-                         int4_method=Int4Method(args.int4_method), int4_block_size=size,
-                         int4_symmetric=args.int4_symmetric, fallback=not args.no_fallback,
+                         int4_method=Int4Method(args.int4_method), int4_block_size=args.int4_block_size,
+                         int4_symmetric=args.int4_symmetric, int8_block_size=args.int8_block_size,
+                         fallback=not args.no_fallback,
                          eval_text=args.eval_text, eval_tokens=args.eval_tokens, budget=budget)
 
 
@@ -273,9 +280,18 @@ def export_config(values: dict) -> BuildConfig:
                        quant=_quant_settings(args), opset=args.opset, force=args.force, cache=not args.no_cache,
                        runtime=RuntimeSettings(threads=args.threads, performance_hint=args.performance_hint.upper(),
                                                inference_precision=args.inference_precision,
-                                               kv_cache_precision=args.kv_cache_precision),
+                                               kv_cache_precision=args.kv_cache_precision,
+                                               dynamic_quantization_group=_dynamic_quantization(args, precision)),
                        engine=engine_settings(args), parity=parity,
                        tolerances=tolerances or (Tolerances.half() if precision.half else Tolerances()))
+
+
+def _dynamic_quantization(args, precision: Precision) -> int | None:
+    """Weight-only int8 means float activations: OpenVINO's run-time int8 activations are off unless asked for."""
+    group = args.dynamic_quantization_group
+    if group is not None and group < 0:
+        raise UsageError(f"--dynamic-quantization-group must be >= 0, got {group}", "pass 0 (off), 32, 64, ...")
+    return 0 if group is None and precision is Precision.INT8 else group
 
 
 def _export(args):
@@ -439,14 +455,19 @@ def _quantized_rows(result, targets) -> list[tuple]:
 
 
 def _quant_line(quantization: dict) -> str:
-    kept = ", ".join(quantization["kept_fp32"]) or "none"
+    kept = ", ".join(quantization.get("kept", quantization.get("kept_fp32", []))) or "none"  # kept_fp32: older
+    kept_precision = quantization.get("kept_precision", "fp32")
     smoothed = len(quantization["smoothing"])
     method = quantization["method"]
     details = ", ".join(f"{k} {v}" for k, v in method.items())
     narrowed = Counter(quantization.get("narrowed_blocks", {}).values())  # absent from earlier builds' manifests
+    bits = quantization.get("bits_per_weight") or {}
+    bits_line = "".join(f"; {value:.2f} bits per weight ({where.replace('_', ' ')})" for where, value in bits.items()
+                        if value is not None)
     return (f"{quantization['layers_quantized']}/{quantization['layers_total']} linear layers quantized "
-            f"({details}); kept in fp32: {kept}" + (f"; SmoothQuant on {smoothed} activations" if smoothed else "")
-            + "".join(f"; {n} layers in blocks of {block} (their input size)" for block, n in sorted(narrowed.items())))
+            f"({details}); kept in {kept_precision}: {kept}" + (f"; SmoothQuant on {smoothed} activations" if smoothed else "")
+            + "".join(f"; {n} layers in blocks of {block} (their input size)" for block, n in sorted(narrowed.items()))
+            + bits_line)
 
 
 def _parity_rows(result, targets) -> list[tuple]:

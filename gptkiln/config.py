@@ -11,6 +11,7 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     W8A8 = "w8a8"  # static: int8 weights (per channel) and activations (per tensor, calibrated)
     INT8_DYNAMIC = "int8-dynamic"  # int8 weights; activations quantized at run time
+    INT8 = "int8"  # weight-only, block-wise; activations stay fp32
     INT4 = "int4"  # weight-only, block-wise; activations stay fp32
     FP16 = "fp16"  # every tensor half, normalization and softmax in fp32 (strongly typed runtimes)
     BF16 = "bf16"
@@ -18,7 +19,12 @@ class Precision(str, enum.Enum):
     @property
     def quantized(self) -> bool:
         """Calibrated or rounded to integers: gated by measured accuracy."""
-        return self in (Precision.W8A8, Precision.INT8_DYNAMIC, Precision.INT4)
+        return self in (Precision.W8A8, Precision.INT8_DYNAMIC, Precision.INT8, Precision.INT4)
+
+    @property
+    def weight_only(self) -> bool:
+        """Integer weights, float activations (gptkiln.calibration.weight_only)."""
+        return self in (Precision.INT8, Precision.INT4)
 
     @property
     def half(self) -> bool:
@@ -69,6 +75,8 @@ class AccuracyBudget:
     def default(cls, precision: Precision) -> "AccuracyBudget":
         if precision is Precision.INT4:
             return cls(max_ppl_increase_pct=5.0, min_top1_agreement=0.0)  # DESIGN.md: perplexity only
+        if precision is Precision.INT8:
+            return cls(max_ppl_increase_pct=0.5, min_top1_agreement=0.0)  # DESIGN.md: weight-only int8
         return cls(max_ppl_increase_pct=1.5, min_top1_agreement=0.95)
 
 
@@ -94,6 +102,7 @@ class QuantSettings:
     int4_method: Int4Method = Int4Method.GPTQ  # measured: +0.46% vs RTN +1.52% perplexity on the reference
     int4_block_size: int = 128
     int4_symmetric: bool = False
+    int8_block_size: int = 32  # weight-only int8, symmetric, round to nearest (llama.cpp's Q8_0 layout)
     fallback: bool = True  # keep the most sensitive layers in fp32 until the budget holds
     eval_text: Path | None = None  # default: the reference model's held-out text
     eval_tokens: int = 8192
@@ -125,6 +134,9 @@ class RuntimeSettings:
     # OpenVINO's stateful KV-cache storage when it differs from the inference precision: f16 or u8 (an
     # explicit choice, held to the half-precision bars); None: the inference precision
     kv_cache_precision: str | None = None
+    # OpenVINO's DYNAMIC_QUANTIZATION_GROUP_SIZE: the CPU quantizes the activations of layers with integer weights
+    # to int8 per group at run time; 0 turns that off (float activations); None: the CPU default (32)
+    dynamic_quantization_group: int | None = None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class CalibrationSet:
 
 def read_texts(path: Path, jsonl_field: str = "text") -> list[str]:
     """A text file, a JSONL file (one object per line, `jsonl_field` holding the text) or a
-    directory of text files (read in name order, recursively; hidden files skipped)."""
+    directory of text files (read in name order, recursively; hidden and empty files skipped)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CalibrationError(f"text data '{path}' does not exist", "give an existing text file, JSONL file or directory")
@@ -50,7 +50,11 @@ def read_texts(path: Path, jsonl_field: str = "text") -> list[str]:
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise CalibrationError(f"directory '{path}' holds no files", "put text files in it, or give a file")
-        return [text for file in files for text in read_texts(file, jsonl_field)]
+        # an empty file in a tree of sources (a package's __init__.py) is no error; a tree of nothing is
+        texts = [text for file in files if file.stat().st_size for text in read_texts(file, jsonl_field)]
+        if not texts:
+            raise CalibrationError(f"every file in directory '{path}' is empty", "put text in them, or give a file")
+        return texts
     text = _read_utf8(path)
     if path.suffix == ".jsonl":
         return _jsonl_texts(path, text, jsonl_field)

@@ -59,6 +59,31 @@ def linear_layers(model: ir.Model) -> list[LinearLayer]:
     return layers
 
 
+MIN_WEIGHT_ELEMENTS = 64  # smaller constants are shapes, axes and scalars, not weights
+
+
+def weight_bits(model: ir.Model) -> tuple[int, int]:
+    """(elements, stored bits) of the graph's weights: every initializer of MIN_WEIGHT_ELEMENTS or more,
+    codes, scales and zero points alike (a table shared by two consumers counts once; one that nothing reads
+    any more, such as a weight its quantized copy replaced, not at all)."""
+    elements = bits = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None and value.const_value.size >= MIN_WEIGHT_ELEMENTS and value.uses():
+            elements += value.const_value.size
+            bits += value.const_value.size * value.const_value.dtype.bitwidth
+    return elements, bits
+
+
+def linear_bits(layer: LinearLayer) -> tuple[int, int]:
+    """(weights, stored bits) of one linear layer: its fp32 weight, or the codes, scales and zero points
+    of the DequantizeLinear in front of it."""
+    source = layer.node.inputs[1].producer()
+    if source is None or source.op_type != "DequantizeLinear":
+        return layer.weight().size, layer.weight().size * 32
+    parts = [value.const_value for value in source.inputs if value is not None and value.const_value is not None]
+    return parts[0].size, sum(part.size * part.dtype.bitwidth for part in parts)
+
+
 def initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer under a name not yet used in the graph."""
     taken = model.graph.initializers

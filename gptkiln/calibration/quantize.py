@@ -2,9 +2,15 @@
 
 1. statistics from the calibration set (cached), SmoothQuant folded in for W8A8;
 2. every linear layer quantized; the result scored (perplexity, top-1) against fp32 PyTorch;
-3. over budget: the mixed-precision fallback measures each group's sensitivity (the score
-   with that group alone left in fp32), then keeps the most sensitive groups in fp32, one
-   more at a time, until the budget holds or half the groups are kept.
+3. over budget, the mixed-precision fallback keeps the most sensitive groups (transformer blocks
+   and the lm_head, from the DecoderSpec) at a backup precision until the budget holds or half the
+   groups are kept:
+   - weight-only (int4, int8): the backup is int8 for int4 (fp32 for int8); sensitivity comes from
+     the first trial at no extra cost (each layer's rounding error on its output, Hessian-weighted
+     where GPTQ collected Hessians); the number of kept groups is searched 1, 2, 4, ... and then
+     halved back, so a 31-group model takes a handful of evaluations;
+   - W8A8, int8-dynamic: the backup is fp32, and each group's sensitivity is measured (the score
+     with that group alone left in fp32), then groups are kept one more at a time.
 """
 
 from __future__ import annotations
@@ -17,12 +23,12 @@ from pathlib import Path
 import onnx_ir as ir
 
 from gptkiln.calibration.data import CalibrationSet
-from gptkiln.calibration.layers import linear_layers
+from gptkiln.calibration.layers import linear_bits, linear_layers, weight_bits
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
 from gptkiln.calibration.qdq import activation_threshold, quantize_dynamic, quantize_w8a8
 from gptkiln.calibration.smoothquant import Smoothed, smooth
 from gptkiln.calibration.statistics import collect
-from gptkiln.calibration.weight_only import MIN_OPSET, Int4Format, quantize_int4
+from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, quantize_weights
 from gptkiln.config import AccuracyBudget, ActivationCalibration, Int4Method, Precision, QuantSettings
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
@@ -32,11 +38,11 @@ Evaluator = Callable[[Path], AccuracyReport]
 
 @dataclass
 class Trial:
-    kept_fp32: list[str]
+    kept: list[str]  # groups at the backup precision
     accuracy: AccuracyReport
 
     def to_dict(self) -> dict:
-        return {"kept_fp32": self.kept_fp32, "accuracy": self.accuracy.to_dict()}
+        return {"kept": self.kept, "accuracy": self.accuracy.to_dict()}
 
 
 @dataclass
@@ -46,6 +52,8 @@ class QuantizedGraph:  # one trial's graph
     total: int
     not_quantizable: list[str]
     narrowed: dict[str, int]
+    bits_per_weight: dict[str, float | None]
+    errors: dict[str, float] = field(default_factory=dict)  # weight-only: layer -> relative output error
 
 
 @dataclass
@@ -55,14 +63,20 @@ class QuantResult:
     method: dict
     layers_quantized: int
     layers_total: int
-    kept_fp32: list[str]  # groups the fallback kept in fp32
+    kept: list[str]  # groups the fallback kept at kept_precision
+    kept_precision: str  # "int8" (an int4 build's backup) or "fp32"
     not_quantizable: list[str]  # layers the format cannot take (int4: input size not a multiple of 16)
     narrowed_blocks: dict[str, int]  # int4 layers given a smaller block than asked (their input size) -> that block
     smoothing: list[Smoothed] = field(default_factory=list)
     calibration: dict | None = None
     statistics_cached: bool = False
     trials: list[Trial] = field(default_factory=list)
-    sensitivity: dict[str, float] = field(default_factory=dict)  # group -> perplexity increase with it alone in fp32
+    # group -> weight-only: summed relative output error of its layers' rounding; W8A8 / int8-dynamic: perplexity
+    # increase (%) with it alone in fp32
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    # stored bits (codes, scales, zero points; fp32 weights at 32) over the fp32 model's weights: "model" over every
+    # weight tensor (embeddings included, a tied table once), "linear_layers" over the linear layers (weight-only)
+    bits_per_weight: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> AccuracyReport:
@@ -70,12 +84,12 @@ class QuantResult:
 
     def to_dict(self) -> dict:
         return {"precision": self.precision.value, "method": self.method, "layers_quantized": self.layers_quantized,
-                "layers_total": self.layers_total, "kept_fp32": self.kept_fp32,
+                "layers_total": self.layers_total, "kept": self.kept, "kept_precision": self.kept_precision,
                 "not_quantizable": self.not_quantizable, "narrowed_blocks": self.narrowed_blocks,
                 "smoothing": [s.to_dict() for s in self.smoothing],
                 "calibration": self.calibration, "statistics_cached": self.statistics_cached,
                 "accuracy": self.accuracy.to_dict(), "trials": [t.to_dict() for t in self.trials],
-                "sensitivity": self.sensitivity}
+                "sensitivity": self.sensitivity, "bits_per_weight": self.bits_per_weight}
 
 
 def method_description(precision: Precision, settings: QuantSettings) -> dict:
@@ -86,8 +100,17 @@ def method_description(precision: Precision, settings: QuantSettings) -> dict:
                 "smoothquant_alpha": settings.smoothquant_alpha}
     if precision is Precision.INT8_DYNAMIC:
         return {"weights": "int8 symmetric per output channel", "activations": "uint8 per tensor, at run time"}
+    if precision is Precision.INT8:
+        return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows", "rounding": "rtn",
+                "activations": "float"}
     return {"weights": f"int4 {'symmetric' if settings.int4_symmetric else 'asymmetric'} "
                        f"blocks of {settings.int4_block_size} input rows", "rounding": settings.int4_method.value}
+
+
+def weight_format(precision: Precision, settings: QuantSettings) -> WeightFormat:
+    if precision is Precision.INT8:
+        return WeightFormat(settings.int8_block_size, symmetric=True, bits=8)
+    return WeightFormat(settings.int4_block_size, settings.int4_symmetric, bits=4)
 
 
 def prepare(exported: Path, prepared: Path, spec: DecoderSpec) -> None:
@@ -110,6 +133,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     base, smoothing, thresholds, hessians, cached = prepared, [], {}, None, False
     model = ir.load(prepared)
     layers = linear_layers(model)
+    by_name = {layer.name: layer for layer in layers}
     names = sorted({layer.activation.name for layer in layers})
     groups = list(dict.fromkeys(layer.group(spec) for layer in layers))  # smoothing keeps names, so groups hold
     if precision is Precision.W8A8:
@@ -131,52 +155,102 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         "    no calibration needed")
 
     trial_count = 0
+    fmt = weight_format(precision, settings) if precision.weight_only else None
+    backup = "int8" if precision is Precision.INT4 else "fp32"
 
     def build(kept: set[str]) -> QuantizedGraph:
         nonlocal trial_count
         trial_count += 1
         model = ir.load(base)
+        weights, _ = weight_bits(model)
         every = linear_layers(model)
-        chosen = [layer for layer in every if layer.group(spec) not in kept]
-        not_quantizable: list[str] = []
-        narrowed: dict[str, int] = {}
+        in_kept = [layer for layer in every if layer.group(spec) in kept]
+        chosen = every if backup == "int8" else [layer for layer in every if layer not in in_kept]
+        not_quantizable, narrowed, errors = [], {}, {}
         if precision is Precision.W8A8:
             quantize_w8a8(model, chosen, thresholds)
         elif precision is Precision.INT8_DYNAMIC:
             quantize_dynamic(model, chosen)
         else:
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
-            fmt = Int4Format(settings.int4_block_size, settings.int4_symmetric)
-            not_quantizable, narrowed = quantize_int4(model, chosen, fmt, hessians)
+            int8 = WeightFormat(settings.int8_block_size, symmetric=True, bits=8)
+            done = quantize_weights(model, chosen, fmt, hessians, {layer.name: int8 for layer in in_kept}
+                                    if backup == "int8" else None, say if trial_count == 1 else lambda _: None)
+            not_quantizable, narrowed, errors = done.skipped, done.narrowed, done.errors
         path = work / f"trial-{trial_count}" / MODEL_FILE
         path.parent.mkdir(parents=True)
         ir.save(model, path, external_data=DATA_FILE)
-        return QuantizedGraph(path, len(chosen) - len(not_quantizable), len(every), not_quantizable, narrowed)
+        linear = [linear_bits(layer) for layer in every] if precision.weight_only else []
+        bits = {"model": round(weight_bits(model)[1] / weights, 3),
+                "linear_layers": round(sum(b for _, b in linear) / sum(n for n, _ in linear), 3) if linear else None}
+        quantized = len(chosen) - len(not_quantizable) - (len(in_kept) if backup == "int8" else 0)
+        return QuantizedGraph(path, quantized, len(every), not_quantizable, narrowed, bits, errors)
 
     def attempt(kept: list[str]) -> tuple[QuantizedGraph, Trial]:
         graph = build(set(kept))
         trial = Trial(list(kept), evaluate(graph.path))
-        say(f"    {'all layers' if not kept else 'fp32: ' + ', '.join(kept)}: perplexity "
-            f"{trial.accuracy.ppl:.3f} ({trial.accuracy.ppl_increase_pct:+.2f}%), top-1 {trial.accuracy.top1_agreement:.2%}")
+        what = "all layers" if not kept else f"{backup}: " + (", ".join(kept) if len(kept) <= 6 else
+                                                               f"{len(kept)} groups ({', '.join(kept[:4])}, ...)")
+        say(f"    {what}: perplexity {trial.accuracy.ppl:.3f} ({trial.accuracy.ppl_increase_pct:+.2f}%), "
+            f"top-1 {trial.accuracy.top1_agreement:.2%}, {graph.bits_per_weight['model']:.2f} bits per weight")
         return graph, trial
+
+    def passes(trial: Trial) -> bool:
+        return not accuracy_failures(trial.accuracy, budget)
 
     graph, trial = attempt([])
     trials, kept, sensitivity = [trial], [], {}
-    if accuracy_failures(trial.accuracy, budget) and settings.fallback:
+    if not passes(trial) and settings.fallback and precision.weight_only:
+        sensitivity = {g: sum(e for layer, e in graph.errors.items() if by_name[layer].group(spec) == g)
+                       for g in groups}
+        ranked = sorted(groups, key=sensitivity.get, reverse=True)
+        say(f"    over budget: keeping the groups whose rounding moves their outputs most in {backup} "
+            f"(most sensitive: {', '.join(ranked[:3])})")
+        graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes, (graph, trial))
+        trials += tried
+        sensitivity = {g: round(e, 6) for g, e in sensitivity.items()}
+    elif not passes(trial) and settings.fallback:
         say(f"    over budget: measuring the sensitivity of {len(groups)} layer groups")
-        for group in groups:
-            sensitivity[group] = attempt([group])
-        ranked = sorted(groups, key=lambda g: sensitivity[g][1].accuracy.ppl)
+        measured = {group: attempt([group]) for group in groups}
+        ranked = sorted(groups, key=lambda g: measured[g][1].accuracy.ppl)
         for count in range(1, len(groups) // 2 + 1):
             kept = ranked[:count]
-            graph, trial = sensitivity[kept[0]] if count == 1 else attempt(kept)
+            graph, trial = measured[kept[0]] if count == 1 else attempt(kept)
             trials.append(trial)
-            if not accuracy_failures(trial.accuracy, budget):
+            if passes(trial):
                 break
+        sensitivity = {g: round(s[1].accuracy.ppl_increase_pct, 4) for g, s in measured.items()}
     for directory in work.glob("trial-*"):
         if directory != graph.path.parent:
             shutil.rmtree(directory)
     return QuantResult(graph.path, precision, method_description(precision, settings), graph.quantized, graph.total,
-                       kept, graph.not_quantizable, graph.narrowed, smoothing,
-                       calibration.source if calibration else None, cached, trials,
-                       {g: round(s[1].accuracy.ppl_increase_pct, 4) for g, s in sensitivity.items()})
+                       kept, backup, graph.not_quantizable, graph.narrowed, smoothing,
+                       calibration.source if calibration else None, cached, trials, sensitivity,
+                       graph.bits_per_weight)
+
+
+def _search_count(ranked: list[str], limit: int, attempt, passes, first) -> tuple:
+    """The fewest of the ranked groups to keep for the budget to hold: 1, 2, 4, ... up to `limit`, then
+    bisected between the last count that failed and the first that passed. Returns (graph, trial, kept,
+    the trials made); when none passes, the largest count tried."""
+    counts = [c for c in (2 ** i for i in range(limit.bit_length())) if c < limit] + [limit] if limit else []
+    tried, failed = [], 0
+    graph, trial = first
+    for count in counts:
+        graph, trial = attempt(ranked[:count])
+        tried.append(trial)
+        if passes(trial):
+            break
+        failed = count
+    else:
+        return graph, trial, ranked[:failed], tried
+    passing, best = count, (graph, trial)
+    while passing - failed > 1:
+        middle = (passing + failed) // 2
+        graph, trial = attempt(ranked[:middle])
+        tried.append(trial)
+        if passes(trial):
+            passing, best = middle, (graph, trial)
+        else:
+            failed = middle
+    return best[0], best[1], ranked[:passing], tried

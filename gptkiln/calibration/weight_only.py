@@ -1,5 +1,6 @@
-"""Weight-only int4, block-wise along the input dimension: a blocked DequantizeLinear (opset 21)
-in front of each MatMul, so activations stay fp32.
+"""Weight-only int4 and int8, block-wise along the input dimension: a blocked DequantizeLinear
+(opset 21) in front of each MatMul, so activations stay fp32. ONNX Runtime turns each pair into
+MatMulNBits (4 or 8 bits) when the session is created; OpenVINO keeps the compressed weights.
 
 Codes are found by round-to-nearest or by GPTQ (Frantar et al. 2022), which rounds one
 input row at a time and spreads each row's rounding error over the rows not yet rounded,
@@ -8,6 +9,7 @@ weighted by the inverse Hessian sum(x xᵀ) of the calibration activations.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import ml_dtypes
@@ -23,11 +25,12 @@ GPTQ_BLOCK = 128  # rows updated together (a multiple of the quantization block)
 
 
 @dataclass(frozen=True)
-class Int4Format:
+class WeightFormat:
     block_size: int
     symmetric: bool
+    bits: int = 4  # 4 or 8
 
-    def for_rows(self, rows: int) -> Int4Format | None:
+    def for_rows(self, rows: int) -> WeightFormat | None:
         """The format for a layer of `rows` input rows: the largest power-of-two block up to this
         one that divides them (NNCF's "adjust" group-size fallback), None below MIN_BLOCK."""
         block = self.block_size
@@ -37,7 +40,17 @@ class Int4Format:
 
     @property
     def levels(self) -> tuple[int, int]:
-        return (-8, 7) if self.symmetric else (0, 15)
+        top = 2 ** (self.bits - 1) - 1
+        return (-top - 1 if self.bits == 4 else -top, top) if self.symmetric else (0, 2 ** self.bits - 1)
+
+    @property
+    def code_type(self):
+        return {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}[
+            (self.bits, self.symmetric)]
+
+    def bits_per_weight(self, scale_bits: int = 32) -> float:
+        """Stored bits per weight: the code, plus its block's scale (and zero point) shared over the block."""
+        return self.bits + (scale_bits + (0 if self.symmetric else self.bits)) / self.block_size
 
     def params(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point [N] for one block of weight rows [block, N]."""
@@ -56,7 +69,7 @@ class Int4Format:
         return np.clip(np.round(rows / scale) + zero, low, high)
 
 
-def quantize_rtn(weight: np.ndarray, fmt: Int4Format):
+def quantize_rtn(weight: np.ndarray, fmt: WeightFormat):
     """(codes [K, N], scales [K/B, N], zero points [K/B, N]) by round to nearest."""
     blocks = weight.reshape(-1, fmt.block_size, weight.shape[1])
     params = [fmt.params(block) for block in blocks]
@@ -65,7 +78,7 @@ def quantize_rtn(weight: np.ndarray, fmt: Int4Format):
     return codes, scales, zeros
 
 
-def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, fmt: Int4Format):
+def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, fmt: WeightFormat):
     """GPTQ with lazy block updates; returns the same triple as quantize_rtn."""
     w = weight.astype(np.float64).copy()
     h = hessian.astype(np.float64).copy()
@@ -98,30 +111,74 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, fmt: Int4Format):
     return codes, scales, zeros
 
 
-def quantize_int4(model: ir.Model, layers: list[LinearLayer], requested: Int4Format,
-                  hessians: dict[str, np.ndarray] | None = None) -> tuple[list[str], dict[str, int]]:
-    """Replace each layer's weight by a blocked DequantizeLinear; GPTQ where a Hessian is given.
-    Returns the layers left in fp32 (input size not a multiple of MIN_BLOCK) and the layers
-    given a smaller block than requested, with that block."""
-    skipped, narrowed = [], {}
+def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """The weight [K, N] that codes [K, N] with per-block scales and zero points [K/B, N] stand for."""
+    repeat = codes.shape[0] // scales.shape[0]
+    return (codes - np.repeat(zeros, repeat, axis=0)) * np.repeat(scales, repeat, axis=0)
+
+
+def output_error(weight: np.ndarray, approximation: np.ndarray, hessian: np.ndarray | None) -> float:
+    """How much of a layer's output the rounding moves: sum ||x(W - Ŵ)||² / sum ||xW||² over the calibration
+    activations x (H = sum x xᵀ); without them, the same over the weights alone."""
+    delta = (weight - approximation).astype(np.float64)
+    if hessian is None:
+        return float((delta ** 2).sum() / max((weight.astype(np.float64) ** 2).sum(), 1e-30))
+    h = hessian.astype(np.float64)
+    return float((delta * (h @ delta)).sum() / max((weight * (h @ weight)).sum(), 1e-30))
+
+
+@dataclass
+class WeightOnlyResult:
+    skipped: list[str]  # left in fp32: input size not a multiple of MIN_BLOCK
+    narrowed: dict[str, int]  # given a smaller block than requested (their input size) -> that block
+    errors: dict[str, float]  # layer -> relative output error of its rounding (output_error)
+
+
+def quantize_weights(model: ir.Model, layers: list[LinearLayer], requested: WeightFormat,
+                     hessians: dict[str, np.ndarray] | None = None,
+                     formats: dict[str, WeightFormat] | None = None,
+                     say=lambda _: None) -> WeightOnlyResult:
+    """Replace each layer's weight by a blocked DequantizeLinear; GPTQ where a Hessian is given. `formats`
+    gives some layers another format than `requested` (the mixed-precision fallback's int8 backup)."""
+    result = WeightOnlyResult([], {}, {})
+    progress = Eta(len(layers), "GPTQ" if hessians is not None else "rounding", say)
     for layer in layers:
+        progress.step()
+        requested_here = (formats or {}).get(layer.name, requested)
         weight = layer.weight()
-        fmt = requested.for_rows(weight.shape[0])
+        fmt = requested_here.for_rows(weight.shape[0])
         if fmt is None:
-            skipped.append(layer.name)
+            result.skipped.append(layer.name)
             continue
-        if fmt != requested:
-            narrowed[layer.name] = fmt.block_size
-        if hessians is not None:
-            codes, scales, zeros = quantize_gptq(weight, hessians[layer.activation.name], fmt)
+        if fmt != requested_here:
+            result.narrowed[layer.name] = fmt.block_size
+        hessian = hessians[layer.activation.name] if hessians is not None else None
+        if hessian is not None:
+            codes, scales, zeros = quantize_gptq(weight, hessian, fmt)
         else:
             codes, scales, zeros = quantize_rtn(weight, fmt)
-        code_type = ml_dtypes.int4 if fmt.symmetric else ml_dtypes.uint4
-        inputs = [initializer(model, f"{layer.name}.int4", codes.astype(code_type)),
+        result.errors[layer.name] = output_error(weight, dequantize(codes, scales, zeros), hessian)
+        code_type = fmt.code_type
+        inputs = [initializer(model, f"{layer.name}.int{fmt.bits}", codes.astype(code_type)),
                   initializer(model, f"{layer.name}.scale", scales.astype(np.float32))]
         if not fmt.symmetric:
             inputs.append(initializer(model, f"{layer.name}.zero_point", zeros.astype(code_type)))
-        dequantize = ir.node("DequantizeLinear", inputs, attributes={"axis": 0, "block_size": fmt.block_size})
-        model.graph.insert_before(layer.node, dequantize)
-        layer.node.replace_input_with(1, dequantize.outputs[0])
-    return skipped, narrowed
+        node = ir.node("DequantizeLinear", inputs, attributes={"axis": 0, "block_size": fmt.block_size})
+        model.graph.insert_before(layer.node, node)
+        layer.node.replace_input_with(1, node.outputs[0])
+    return result
+
+
+class Eta:
+    """A line every tenth of the way through a long loop: how far, and how long the rest will take."""
+
+    def __init__(self, total: int, what: str, say):
+        self.total, self.what, self.say, self.done = total, what, say, 0
+        self.started = time.perf_counter()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.total >= 20 and self.done % max(1, self.total // 10) == 0 and self.done < self.total:
+            elapsed = time.perf_counter() - self.started
+            left = elapsed / self.done * (self.total - self.done)
+            self.say(f"    {self.what}: {self.done}/{self.total} layers, {elapsed:.0f}s, about {left:.0f}s left")

@@ -62,7 +62,8 @@ class OnnxRuntimeTarget(Target):
     description = "ONNX Runtime (CPU; CUDA when onnxruntime-gpu sees a GPU)"
     fusion_sets = ("portable", "grouped_attention", "onnxruntime")
     # bf16: ORT's CPU kernels lack it (no Where, MatMul, ... for bfloat16)
-    precisions = (Precision.FP32, Precision.W8A8, Precision.INT8_DYNAMIC, Precision.INT4, Precision.FP16)
+    precisions = (Precision.FP32, Precision.W8A8, Precision.INT8_DYNAMIC, Precision.INT8, Precision.INT4,
+                  Precision.FP16)
     runtime_module = "onnxruntime"
 
     def build_settings(self) -> dict:

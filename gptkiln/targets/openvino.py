@@ -47,6 +47,8 @@ def compile_config(runtime: RuntimeSettings | None = None) -> dict:
               "PERFORMANCE_HINT": runtime.performance_hint}
     if runtime.threads:
         config["INFERENCE_NUM_THREADS"] = runtime.threads
+    if runtime.dynamic_quantization_group is not None:
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = runtime.dynamic_quantization_group
     return config
 
 
@@ -185,7 +187,7 @@ class OpenVinoTarget(Target):
     # int8-dynamic's MatMulInteger is decomposed by OpenVINO into an fp32 MatMul over int32
     # weights (4x the int8 size; slower than fp32 in a side study), so it is refused;
     # w8a8 and int4 stay int8/int4 inside OpenVINO
-    precisions = (Precision.FP32, Precision.W8A8, Precision.INT4)
+    precisions = (Precision.FP32, Precision.W8A8, Precision.INT8, Precision.INT4)
     runtime_module = "openvino"
     stateful = True
 

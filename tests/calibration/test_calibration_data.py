@@ -84,6 +84,7 @@ def test_a_directory_below_a_hidden_one_is_read_and_its_own_hidden_files_skipped
     data = tmp_path / ".pyenv" / "lib" / "email"
     (data / ".cache").mkdir(parents=True)
     (data / "parser.py").write_text("def parse(): pass\n")
+    (data / "__init__.py").write_text("")  # an empty file in a package is skipped, not an error
     (data / ".hidden.txt").write_text("skipped\n")
     (data / ".cache" / "x.txt").write_text("skipped too\n")
     assert read_texts(data) == ["def parse(): pass\n"]

@@ -14,7 +14,7 @@ from gptkiln.calibration.outliers import plant_outliers
 from gptkiln.calibration.qdq import activation_threshold
 from gptkiln.calibration.smoothquant import smooth
 from gptkiln.calibration.statistics import HIST_BINS, ActivationStats, collect
-from gptkiln.calibration.weight_only import Int4Format, quantize_gptq, quantize_int4, quantize_rtn
+from gptkiln.calibration.weight_only import WeightFormat, quantize_gptq, quantize_rtn, quantize_weights
 from gptkiln.config import ActivationCalibration, CalibrationSettings
 from gptkiln.exporter.io_spec import DATA_FILE
 from gptkiln.models.loading import load_model
@@ -87,13 +87,14 @@ def test_int4_blocks_dequantize_in_onnxruntime_as_in_numpy(tmp_path, prepared_re
     path, loaded = prepared_reference
     model = ir.load(path)
     model.opset_imports[""] = 21
-    fmt = Int4Format(32, symmetric)
+    fmt = WeightFormat(32, symmetric)
     layers = linear_layers(model)
     expected = {}
     for layer in layers:
         codes, scales, zeros = quantize_rtn(layer.weight(), fmt)
         expected[layer.name] = (codes - np.repeat(zeros, 32, axis=0)) * np.repeat(scales, 32, axis=0)
-    assert quantize_int4(model, layers, fmt) == ([], {})
+    done = quantize_weights(model, layers, fmt)
+    assert (done.skipped, done.narrowed) == ([], {})
     int4 = tmp_path / "model.onnx"
     ir.save(model, int4, external_data=DATA_FILE)
     # the same graph with the numpy dequantized weights in fp32
@@ -112,7 +113,7 @@ def test_int4_blocks_dequantize_in_onnxruntime_as_in_numpy(tmp_path, prepared_re
 
 
 def test_a_block_that_does_not_divide_a_layer_is_narrowed_for_that_layer(prepared_reference):
-    fmt = Int4Format(128, symmetric=False)
+    fmt = WeightFormat(128, symmetric=False)
     assert fmt.for_rows(768).block_size == 128 and fmt.for_rows(192).block_size == 64
     assert fmt.for_rows(48).block_size == 16 and fmt.for_rows(200) is None
     path, _ = prepared_reference
@@ -120,7 +121,8 @@ def test_a_block_that_does_not_divide_a_layer_is_narrowed_for_that_layer(prepare
     model.opset_imports[""] = 21
     layers = linear_layers(model)
     rows = {layer.name: layer.weight().shape[0] for layer in layers}
-    skipped, narrowed = quantize_int4(model, layers, fmt)
+    done = quantize_weights(model, layers, fmt)
+    skipped, narrowed = done.skipped, done.narrowed
     assert skipped == [] and narrowed == {name: 64 for name, k in rows.items() if k == 192}
     assert sorted(set(rows.values())) == [192, 768] and len(narrowed) == 13  # qkv, attn out, mlp in; lm_head
     blocks = [n.attributes.get_int("block_size") for n in model.graph if n.op_type == "DequantizeLinear"]
@@ -131,7 +133,7 @@ def test_gptq_has_lower_output_error_than_rtn(prepared_reference, calibration):
     path, loaded = prepared_reference
     layers = linear_layers(ir.load(path))
     stats = collect(path, [layer.activation.name for layer in layers], calibration, loaded.spec, hessians=True)
-    fmt = Int4Format(32, symmetric=False)
+    fmt = WeightFormat(32, symmetric=False)
     wins = 0
     for layer in layers:
         weight, hessian = layer.weight().astype(np.float64), stats.hessians[layer.activation.name]
@@ -143,3 +145,26 @@ def test_gptq_has_lower_output_error_than_rtn(prepared_reference, calibration):
 
         wins += output_error(quantize_gptq(weight, hessian, fmt)) < output_error(quantize_rtn(weight, fmt))
     assert wins == len(layers)
+
+
+def test_weight_only_int8_is_blocked_dequantize_that_onnxruntime_runs_as_8_bit_matmulnbits(prepared_reference,
+                                                                                            tmp_path):
+    import onnxruntime as ort
+
+    model = ir.load(prepared_reference[0])
+    layers = linear_layers(model)
+    model.opset_imports[""] = 21  # blocked DequantizeLinear (the quantize stage raises it the same way)
+    fmt = WeightFormat(32, symmetric=True, bits=8)
+    assert fmt.levels == (-127, 127) and fmt.bits_per_weight() == 9.0
+    done = quantize_weights(model, layers, fmt)
+    assert (done.skipped, done.narrowed) == ([], {})
+    codes = [v for n, v in model.graph.initializers.items() if n.endswith(".int8")]
+    assert len(codes) == len(layers) and {v.dtype for v in codes} == {ir.DataType.INT8}
+    ir.save(model, tmp_path / "int8.onnx", external_data="int8.onnx.data")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(tmp_path / "int8.onnx"), options)
+    optimized = ir.load(tmp_path / "optimized.onnx")
+    nbits = [node for node in optimized.graph if node.op_type == "MatMulNBits"]
+    assert len(nbits) == len(layers) and {node.attributes.get_int("bits") for node in nbits} == {8}

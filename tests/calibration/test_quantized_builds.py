@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 from gptkiln.calibration.outliers import plant_outliers
 from gptkiln.cli import main
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
-from gptkiln.config import AccuracyBudget, BuildConfig, CalibrationSettings, ParitySettings, Precision, QuantSettings
+from gptkiln.config import (AccuracyBudget, BuildConfig, CalibrationSettings, Int4Method, ParitySettings, Precision,
+                            QuantSettings, RuntimeSettings)
 from gptkiln.errors import ParityError
 from gptkiln.manifest import MANIFEST, read_manifest
 from gptkiln.models.loading import REFERENCE_DIR, load_model
@@ -50,7 +51,7 @@ def test_w8a8_with_smoothquant_passes_on_every_cpu_target(w8a8_build):
     manifest = read_manifest(output)
     assert manifest["precision"] == "w8a8" and manifest["budget"]["max_ppl_increase_pct"] == 1.5
     quantization = manifest["quantization"]
-    assert quantization["layers_quantized"] == quantization["layers_total"] == 17 and not quantization["kept_fp32"]
+    assert quantization["layers_quantized"] == quantization["layers_total"] == 17 and not quantization["kept"]
     assert len(quantization["smoothing"]) == 8 and quantization["calibration"]["samples"] == 32
     for name, target in manifest["targets"].items():
         accuracy = target["accuracy"]
@@ -113,13 +114,13 @@ def test_fallback_keeps_the_block_with_outliers_in_fp32(tmp_path, calibration_te
     config = BuildConfig(model=model, output=tmp_path / "out", precision=Precision.W8A8,
                          quant=quant(calibration_text, smoothquant_alpha=None))
     result = build(config)
-    assert result.quantization["kept_fp32"] == ["block 2"]
+    assert result.quantization["kept"] == ["block 2"] and result.quantization["kept_precision"] == "fp32"
     assert result.quantization["layers_quantized"] == 17 - 4
     first, last = (AccuracyReport.from_dict(t["accuracy"]) for t in (result.quantization["trials"][0],
                                                                       result.quantization["trials"][-1]))
     budget = AccuracyBudget.default(Precision.W8A8)
     assert accuracy_failures(first, budget) and not accuracy_failures(last, budget)
-    assert read_manifest(tmp_path / "out")["quantization"]["kept_fp32"] == ["block 2"]
+    assert read_manifest(tmp_path / "out")["quantization"]["kept"] == ["block 2"]
 
 
 @pytest.mark.parametrize("precision", [Precision.INT4, Precision.INT8_DYNAMIC])
@@ -167,3 +168,61 @@ def test_too_few_calibration_tokens_is_a_clear_error(tmp_path, capsys):
                         "--calibration", str(tmp_path / "short.txt"), "--json")
     assert code == 11 and "fewer than the 64 samples asked" in err
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_weight_only_int8_on_openvino_keeps_float_activations_and_passes(tmp_path):
+    """int8 weights in blocks of 32, activations in float: OpenVINO's run-time int8 activations are off
+    (DYNAMIC_QUANTIZATION_GROUP_SIZE 0), so a padded row computes what it computes alone."""
+    import openvino as ov
+
+    output = tmp_path / "int8"
+    result = build(BuildConfig(model="reference", output=output, targets=("openvino",), precision=Precision.INT8,
+                               runtime=RuntimeSettings(dynamic_quantization_group=0)))
+    assert result.ok, result.targets[0].failures
+    manifest = read_manifest(output)
+    quantization = manifest["quantization"]
+    assert quantization["layers_quantized"] == quantization["layers_total"] == 17
+    assert quantization["bits_per_weight"]["linear_layers"] == 9.0  # int8 + an fp32 scale per 32 weights
+    assert manifest["budget"]["max_ppl_increase_pct"] == 0.5
+    openvino = manifest["targets"]["openvino"]
+    assert openvino["settings"]["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
+    assert abs(openvino["accuracy"]["ppl_increase_pct"]) <= 0.5
+    ir = ov.Core().read_model(str(output / "openvino" / "model.xml"))
+    int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
+    assert len(int8) >= 17
+
+
+def test_int8_means_float_activations_on_openvino_unless_asked_otherwise(tmp_path):
+    from gptkiln.cli import export_config
+
+    def runtime(**values):
+        return export_config({"model": "reference", "output": tmp_path / "x", "targets": ["openvino"],
+                              **values}).runtime.dynamic_quantization_group
+
+    assert runtime(quantize="int8") == 0 and runtime(quantize="int4") is None
+    assert runtime(quantize="int8", dynamic_quantization_group=32) == 32
+
+
+def test_int4_fallback_keeps_the_most_sensitive_blocks_in_int8(tmp_path):
+    """RTN int4 misses a tight budget; the fallback ranks the blocks by their rounding's output error (no
+    extra evaluation), keeps the fewest in int8 that meet the budget (searched 1, 2, 4, ...), and says what it
+    costs in bits."""
+    import onnx_ir as ir
+
+    budget = replace(AccuracyBudget.default(Precision.INT4), max_ppl_increase_pct=0.55)  # all int4: +1.07%
+    config = BuildConfig(model="reference", output=tmp_path / "out", precision=Precision.INT4,
+                         quant=replace(QuantSettings(), int4_method=Int4Method.RTN, budget=budget))
+    result = build(config)
+    assert result.ok, result.targets[0].failures
+    quantization = result.quantization
+    kept, trials = quantization["kept"], quantization["trials"]
+    assert quantization["kept_precision"] == "int8" and 1 <= len(kept) <= 2
+    assert trials[0]["accuracy"]["ppl_increase_pct"] > 0.55 >= trials[-1]["accuracy"]["ppl_increase_pct"]
+    assert trials[-1]["kept"] == kept and len(trials) <= 4  # 1, 2 (, then bisected): no per-group evaluation
+    sensitivity = quantization["sensitivity"]
+    assert set(sensitivity) == {"block 0", "block 1", "block 2", "block 3", "transformer.wte.weight"}
+    assert kept == sorted(sensitivity, key=sensitivity.get, reverse=True)[:len(kept)]
+    assert 4.0 < quantization["bits_per_weight"]["linear_layers"] < 9.0
+    graph = ir.load(tmp_path / "out" / "onnxruntime" / "model.onnx")
+    int8 = {name.removesuffix(".int8") for name in graph.graph.initializers if name.endswith(".int8")}
+    assert int8 and all(result.spec.block_of(name) is not None or name.startswith("transformer.wte") for name in int8)
