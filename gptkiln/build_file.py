@@ -8,7 +8,8 @@
     options:                     # any `gptkiln export` option, by its long name
       int4-method: rtn
       calibration: data/calibration.txt
-    target_options:              # per target: threads, performance-hint, inference-precision, kv-cache-precision
+    target_options:              # per target: threads, performance-hint, inference-precision, kv-cache-precision,
+                                 # dynamic-quantization-group
       openvino: {threads: 2}
 
 The file's keys and types are checked before anything is built; a mistake names the key and
@@ -157,8 +158,10 @@ def _target_options(where, raw: dict, actions: dict, targets: list[str]) -> dict
                                   "dynamic-quantization-group "
                                   "(engine options go under options:)")
             values[dest] = _option_value(where, ("target_options", target, name), value, actions[dest])
-        if values.get("threads", 0) < 0:
-            raise ConfigError(f"{where('target_options', target, 'threads')}: threads must be >= 0", "fix the value")
+        for name in ("threads", "dynamic_quantization_group"):
+            if (values.get(name) or 0) < 0:
+                raise ConfigError(f"{where('target_options', target, name.replace('_', '-'))}: {name.replace('_', '-')} "
+                                  "must be >= 0", "fix the value")
         if "performance_hint" in values:
             values["performance_hint"] = values["performance_hint"].upper()
         overrides[target] = values

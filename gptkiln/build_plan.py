@@ -25,7 +25,7 @@ from gptkiln.models.loading import model_source
 from gptkiln.stage_cache import stage_key
 from gptkiln.targets.base import Target
 
-WEIGHT_ONLY_MIN_OPSET = 21  # blocked DequantizeLinear
+
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ def plan_build(config: BuildConfig, targets: list[Target], texts: dict[str, list
 
 
 def effective_opset(config: BuildConfig) -> int:
-    return max(config.opset, WEIGHT_ONLY_MIN_OPSET) if config.precision.weight_only else config.opset
+    from gptkiln.calibration.weight_only import MIN_OPSET  # blocked DequantizeLinear
+
+    return max(config.opset, MIN_OPSET) if config.precision.weight_only else config.opset
 
 
 def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
@@ -75,7 +77,7 @@ def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
                         smoothquant_alpha=quant.smoothquant_alpha)
     if precision is Precision.INT4:
         settings.update(method=quant.int4_method.value, block_size=quant.int4_block_size,
-                        symmetric=quant.int4_symmetric)
+                        symmetric=quant.int4_symmetric, backup_block_size=quant.int8_block_size)  # the fallback's int8
     if precision is Precision.INT8:
         settings.update(block_size=quant.int8_block_size)
     if precision is Precision.W8A8 or (precision is Precision.INT4 and quant.int4_method.value == "gptq"):

@@ -198,7 +198,8 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
                        help="accuracy budget, percent (default 0.5 for int8, 1.5 for w8a8 and int8-dynamic, "
                             "5 for int4)")
     group.add_argument("--no-fallback", action="store_true",
-                       help="fail instead of keeping the most sensitive layers in fp32")
+                       help="fail instead of keeping the most sensitive layer groups at a backup precision "
+                            "(int8 for int4, fp32 otherwise)")
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -281,17 +282,16 @@ def export_config(values: dict) -> BuildConfig:
                        runtime=RuntimeSettings(threads=args.threads, performance_hint=args.performance_hint.upper(),
                                                inference_precision=args.inference_precision,
                                                kv_cache_precision=args.kv_cache_precision,
-                                               dynamic_quantization_group=_dynamic_quantization(args, precision)),
+                                               dynamic_quantization_group=_dynamic_quantization(args)),
                        engine=engine_settings(args), parity=parity,
                        tolerances=tolerances or (Tolerances.half() if precision.half else Tolerances()))
 
 
-def _dynamic_quantization(args, precision: Precision) -> int | None:
-    """Weight-only int8 means float activations: OpenVINO's run-time int8 activations are off unless asked for."""
+def _dynamic_quantization(args) -> int | None:
     group = args.dynamic_quantization_group
     if group is not None and group < 0:
         raise UsageError(f"--dynamic-quantization-group must be >= 0, got {group}", "pass 0 (off), 32, 64, ...")
-    return 0 if group is None and precision is Precision.INT8 else group
+    return group  # None: BuildConfig.runtime_for picks (off for int8)
 
 
 def _export(args):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -103,7 +103,7 @@ class QuantSettings:
     int4_block_size: int = 128
     int4_symmetric: bool = False
     int8_block_size: int = 32  # weight-only int8, symmetric, round to nearest (llama.cpp's Q8_0 layout)
-    fallback: bool = True  # keep the most sensitive layers in fp32 until the budget holds
+    fallback: bool = True  # keep the most sensitive layer groups at a backup precision until the budget holds
     eval_text: Path | None = None  # default: the reference model's held-out text
     eval_tokens: int = 8192
     budget: AccuracyBudget | None = None  # None: AccuracyBudget.default(precision)
@@ -168,4 +168,9 @@ class BuildConfig:
     cache: bool = True  # reuse stages from the stage cache (gptkiln.stage_cache)
 
     def runtime_for(self, target: str) -> RuntimeSettings:
-        return self.runtime_overrides.get(target, self.runtime)
+        """A target's runtime settings. Weight-only int8 means float activations: OpenVINO's run-time int8
+        activations are off unless asked for."""
+        runtime = self.runtime_overrides.get(target, self.runtime)
+        if self.precision is Precision.INT8 and runtime.dynamic_quantization_group is None:
+            runtime = replace(runtime, dynamic_quantization_group=0)
+        return runtime

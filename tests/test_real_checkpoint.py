@@ -71,5 +71,5 @@ def test_smollm2_engines_generate_what_transformers_generates(smollm2_build, tra
     _, output = smollm2_build
     ids, expected = transformers_continuation
     ours = generate(open_output(output, target).runner, [ids], GenerationConfig(max_new_tokens=32))[0]
-    assert ours == expected[:len(ours)] and len(ours) == len(expected), (ours, expected)
+    assert ours == expected
     assert np.unique(ours).size > 4  # a real continuation, not one token repeated

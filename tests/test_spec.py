@@ -12,6 +12,10 @@ from gptkiln.models.spec import decoder_spec
 from conftest import TINY_CONFIGS, VOCAB
 
 
+BLOCKS = {"gpt2": "transformer.h", "gpt_neo": "transformer.h", "gptj": "transformer.h", "gpt_bigcode": "transformer.h",
+          "falcon": "transformer.h", "gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers"}
+
+
 def tiny_config(model_type):
     class_name, fields = TINY_CONFIGS[model_type]
     return getattr(transformers, class_name)(vocab_size=VOCAB, pad_token_id=0, **fields)
@@ -27,7 +31,9 @@ def test_spec_from_the_config_matches_the_cache_the_model_writes(model_type):
     from_config, from_model = decoder_spec(config), model_spec(model)
     assert (from_config.num_kv_heads, from_config.head_dim) == (from_model.num_kv_heads, from_model.head_dim)
     assert from_model.num_layers == 2 and from_model.vocab_size == VOCAB and from_model.max_positions == 128
-    assert from_model.blocks_path and from_model.block_of(f"{from_model.blocks_path}.1.mlp.weight") == 1
+    assert from_model.blocks_path == BLOCKS.get(model_type, "model.layers")
+    assert from_model.block_of(f"{from_model.blocks_path}.1.mlp.weight") == 1
+    assert from_model.block_of("lm_head.weight") is None and from_model.block_of(f"{from_model.blocks_path}.x") is None
 
 
 @pytest.mark.parametrize("model_type,kv_heads", [("gpt2", 4), ("gpt_bigcode", 1), ("llama", 2), ("falcon", 1),

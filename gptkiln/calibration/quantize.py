@@ -101,8 +101,7 @@ def method_description(precision: Precision, settings: QuantSettings) -> dict:
     if precision is Precision.INT8_DYNAMIC:
         return {"weights": "int8 symmetric per output channel", "activations": "uint8 per tensor, at run time"}
     if precision is Precision.INT8:
-        return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows", "rounding": "rtn",
-                "activations": "float"}
+        return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows", "rounding": "rtn"}
     return {"weights": f"int4 {'symmetric' if settings.int4_symmetric else 'asymmetric'} "
                        f"blocks of {settings.int4_block_size} input rows", "rounding": settings.int4_method.value}
 
@@ -165,7 +164,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         weights, _ = weight_bits(model)
         every = linear_layers(model)
         in_kept = [layer for layer in every if layer.group(spec) in kept]
-        chosen = every if backup == "int8" else [layer for layer in every if layer not in in_kept]
+        chosen = every if backup == "int8" else [layer for layer in every if layer.group(spec) not in kept]
         not_quantizable, narrowed, errors = [], {}, {}
         if precision is Precision.W8A8:
             quantize_w8a8(model, chosen, thresholds)
@@ -173,7 +172,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
             quantize_dynamic(model, chosen)
         else:
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
-            int8 = WeightFormat(settings.int8_block_size, symmetric=True, bits=8)
+            int8 = weight_format(Precision.INT8, settings)
             done = quantize_weights(model, chosen, fmt, hessians, {layer.name: int8 for layer in in_kept}
                                     if backup == "int8" else None, say if trial_count == 1 else lambda _: None)
             not_quantizable, narrowed, errors = done.skipped, done.narrowed, done.errors
@@ -183,7 +182,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         linear = [linear_bits(layer) for layer in every] if precision.weight_only else []
         bits = {"model": round(weight_bits(model)[1] / weights, 3),
                 "linear_layers": round(sum(b for _, b in linear) / sum(n for n, _ in linear), 3) if linear else None}
-        quantized = len(chosen) - len(not_quantizable) - (len(in_kept) if backup == "int8" else 0)
+        quantized = sum(1 for layer in chosen if layer.name not in not_quantizable and layer.group(spec) not in kept)
         return QuantizedGraph(path, quantized, len(every), not_quantizable, narrowed, bits, errors)
 
     def attempt(kept: list[str]) -> tuple[QuantizedGraph, Trial]:
@@ -207,7 +206,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         say(f"    over budget: keeping the groups whose rounding moves their outputs most in {backup} "
             f"(most sensitive: {', '.join(ranked[:3])})")
         graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes, (graph, trial))
-        trials += tried
+        trials += [t for t in tried if t is not trial] + [trial]  # the kept graph's trial last: it is the result
         sensitivity = {g: round(e, 6) for g, e in sensitivity.items()}
     elif not passes(trial) and settings.fallback:
         say(f"    over budget: measuring the sensitivity of {len(groups)} layer groups")

@@ -48,10 +48,6 @@ class WeightFormat:
         return {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}[
             (self.bits, self.symmetric)]
 
-    def bits_per_weight(self, scale_bits: int = 32) -> float:
-        """Stored bits per weight: the code, plus its block's scale (and zero point) shared over the block."""
-        return self.bits + (scale_bits + (0 if self.symmetric else self.bits)) / self.block_size
-
     def params(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scale and zero point [N] for one block of weight rows [block, N]."""
         low, high = self.levels

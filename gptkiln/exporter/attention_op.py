@@ -9,13 +9,15 @@ query heads (Falcon's multi-query attention) fails to export. ONNX `Attention` t
 from __future__ import annotations
 
 import torch
-from torch.onnx._internal.exporter._torchlib.ops.nn import aten_scaled_dot_product_attention_23
 
 MIN_OPSET = 23
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, enable_gqa: bool = False):
+    # torch's own lowering, imported here: a private module, so a torch upgrade that moves it breaks only this
+    from torch.onnx._internal.exporter._torchlib.ops.nn import aten_scaled_dot_product_attention_23
+
     grouped = enable_gqa or query.shape[1] != key.shape[1]
     return aten_scaled_dot_product_attention_23(query, key, value, attn_mask, dropout_p, is_causal, scale, grouped)
 

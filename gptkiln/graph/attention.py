@@ -20,7 +20,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gptkiln.graph.fusion import Fusion, per_layer
+from gptkiln.graph.fusion import LLM_OPS_OPSET, Fusion, per_layer
 
 BNSH = (0, 2, 1, 3)
 
@@ -99,13 +99,12 @@ def _rules() -> pattern.RewriteRuleSet:
 # GPT-Neo (unscaled scores), GPT-J / GPT-NeoX (rotary embeddings) and the grouped-query
 # families export other patterns: they run unfused, and their count is reported, not expected.
 FUSED_FAMILIES = ("gpt2",)
-ATTENTION_OPSET = 23
 
 
 def _expected(spec, opset: int) -> int | None:
     """From opset 23 the exporter emits ONNX's own Attention op (every runtime runs it fused):
     nothing is left for this rule."""
-    fused = spec.model_type in FUSED_FAMILIES and spec.num_kv_heads == spec.num_heads and opset < ATTENTION_OPSET
+    fused = spec.model_type in FUSED_FAMILIES and spec.num_kv_heads == spec.num_heads and opset < LLM_OPS_OPSET
     return per_layer(spec) if fused else None
 
 

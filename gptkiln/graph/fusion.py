@@ -17,6 +17,9 @@ from onnxscript.rewriter import pattern
 from gptkiln.models.spec import DecoderSpec
 
 
+LLM_OPS_OPSET = 23  # ONNX's own RMSNormalization, RotaryEmbedding and Attention
+
+
 @dataclass
 class FusionCount:
     name: str

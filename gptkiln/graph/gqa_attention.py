@@ -17,9 +17,8 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from gptkiln.graph.fusion import Fusion, per_layer
+from gptkiln.graph.fusion import LLM_OPS_OPSET, Fusion, per_layer
 
-OPSET = 23
 
 
 def _repeated(op, x, name: str):
@@ -58,7 +57,7 @@ def _rules() -> pattern.RewriteRuleSet:
 
 def _expected(spec, opset: int) -> int | None:
     grouped = spec.num_kv_heads < spec.num_heads
-    return per_layer(spec) if grouped and spec.sdpa and opset >= OPSET else None
+    return per_layer(spec) if grouped and spec.sdpa and opset >= LLM_OPS_OPSET else None
 
 
 def _grouped(model: ir.Model, spec) -> int:

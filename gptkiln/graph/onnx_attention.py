@@ -8,13 +8,12 @@ run eager attention (soft-capped Gemma 2, GPT-Neo) make no claim.
 
 from __future__ import annotations
 
-from gptkiln.graph.fusion import Fusion, count_ops, per_layer
+from gptkiln.graph.fusion import LLM_OPS_OPSET, Fusion, count_ops, per_layer
 
-OPSET = 23
 
 
 def _expected(spec, opset: int) -> int | None:
-    return per_layer(spec) if spec.sdpa and opset >= OPSET else None
+    return per_layer(spec) if spec.sdpa and opset >= LLM_OPS_OPSET else None
 
 
 FUSION = Fusion("onnx_attention", "portable", None, _expected, count_ops("Attention"))

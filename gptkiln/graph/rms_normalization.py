@@ -10,9 +10,8 @@ from __future__ import annotations
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_rules
 
-from gptkiln.graph.fusion import Fusion, count_ops
+from gptkiln.graph.fusion import LLM_OPS_OPSET, Fusion, count_ops
 
-OPSET = 23
 
 
 def _rules() -> pattern.RewriteRuleSet:
@@ -20,7 +19,7 @@ def _rules() -> pattern.RewriteRuleSet:
 
 
 def _expected(spec, opset: int) -> int | None:
-    return spec.rms_norms if spec.rms_norms and opset >= OPSET else None
+    return spec.rms_norms if spec.rms_norms and opset >= LLM_OPS_OPSET else None
 
 
 FUSION = Fusion("rms_normalization", "portable", _rules, _expected, count_ops("RMSNormalization"))

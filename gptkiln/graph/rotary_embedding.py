@@ -11,9 +11,8 @@ from __future__ import annotations
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion._rotary_embedding import partial_embedding_rules, rotary_embedding_rules
 
-from gptkiln.graph.fusion import Fusion, count_ops
+from gptkiln.graph.fusion import LLM_OPS_OPSET, Fusion, count_ops
 
-OPSET = 23
 
 
 def _rules() -> pattern.RewriteRuleSet:
@@ -21,7 +20,7 @@ def _rules() -> pattern.RewriteRuleSet:
 
 
 def _expected(spec, opset: int) -> int | None:
-    return 2 * spec.num_layers if spec.rotary and opset >= OPSET else None
+    return 2 * spec.num_layers if spec.rotary and opset >= LLM_OPS_OPSET else None
 
 
 FUSION = Fusion("rotary_embedding", "portable", _rules, _expected, count_ops("RotaryEmbedding"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from onnxscript.rewriter import pattern
 
-from gptkiln.graph.fusion import Fusion
+from gptkiln.graph.fusion import LLM_OPS_OPSET, Fusion
 from gptkiln.graph.skip_layer_norm import check_residual_inputs
 
 
@@ -42,7 +42,7 @@ def _rules() -> pattern.RewriteRuleSet:
 
 
 def _expected(spec, opset: int) -> int | None:
-    return 2 * spec.num_layers if spec.rms_norms and opset >= 23 else None
+    return 2 * spec.num_layers if spec.rms_norms and opset >= LLM_OPS_OPSET else None
 
 
 FUSION = Fusion("skip_rms_norm", "onnxruntime", _rules, _expected)

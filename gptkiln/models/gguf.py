@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from gptkiln.errors import NotAModelError, UnsupportedModelError
+from gptkiln.errors import NotAModelError, UnsupportedModelError, UsageError
 from gptkiln.manifest import sha256_file
 
 SUFFIX = ".gguf"
@@ -25,7 +25,7 @@ def _reader(path: Path):
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise NotAModelError(f"'{path.name}' is a GGUF file, and reading one needs the gguf package", INSTALL) from None
+        raise UsageError(f"'{path.name}' is a GGUF file, and reading one needs the gguf package", INSTALL) from None
     try:
         return GGUFReader(str(path))
     except Exception as exc:  # a truncated or foreign file: gguf raises ValueError, struct/numpy errors
@@ -44,20 +44,23 @@ def gguf_source(path: Path) -> dict:
 
 
 def load_gguf(path: Path):
-    """(model, tokenizer) from a GGUF file, the weights dequantized to float32."""
+    """(model, tokenizer) from a GGUF file, the weights dequantized to float32 (after the config is checked)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    _reader(path)
+    from gptkiln.models.spec import check_decoder_only
+
     try:
         import accelerate  # noqa: F401  (transformers' GGUF loader needs it)
     except ImportError:
-        raise NotAModelError(f"reading '{path.name}' needs the accelerate package", INSTALL) from None
+        raise UsageError(f"reading '{path.name}' needs the accelerate package", INSTALL) from None
     directory, name = str(path.parent), path.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    except ValueError as exc:  # transformers names the architectures its GGUF loader knows
+        check_decoder_only(AutoConfig.from_pretrained(directory, gguf_file=name, trust_remote_code=False))
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, trust_remote_code=False)
+    except (ValueError, KeyError, NotImplementedError) as exc:  # an architecture or tensor type it cannot read
         raise UnsupportedModelError(f"transformers cannot load '{path.name}': {str(exc).splitlines()[0][:300]}",
                                     "convert the model to a transformers directory, or use a supported "
                                     "GGUF architecture") from None

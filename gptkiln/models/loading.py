@@ -25,7 +25,7 @@ GPT2_PRESET_SEED = 0
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # what else of a model directory the build depends on (hashed with config.json and the weights)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja", "vocab.txt")
 SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
 # Any one of these is a tokenizer's vocabulary; without one, transformers 5 silently builds an empty one.
 VOCABULARY_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
@@ -224,6 +224,7 @@ def _read_config(name: str):
 
 def _from_pretrained(name: str, config):
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     fix = "re-save the model with save_pretrained(), or download it again"
@@ -232,7 +233,7 @@ def _from_pretrained(name: str, config):
         model, info = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32,
                                                            output_loading_info=True, ignore_mismatched_sizes=True,
                                                            trust_remote_code=False)
-    except Exception as exc:  # truncated files (safetensors' own error type), shapes that do not fit the config
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:  # truncated or unreadable weight files
         if isinstance(exc, OSError) and not Path(name).is_dir():
             raise  # the hub: not found / no network (_load_hub says so)
         raise NotAModelError(f"the weights in '{name}' cannot be loaded: {type(exc).__name__}: "

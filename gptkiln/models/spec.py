@@ -129,7 +129,7 @@ def _attention_heads(config) -> int | None:
     return getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
 
 
-def decoder_spec(config, blocks_path: str = "") -> DecoderSpec:
+def decoder_spec(config) -> DecoderSpec:
     """Every architecture parameter from a transformers config (KV heads and head size as the config
     states them; `loading` checks them against the cache the model really writes)."""
     check_decoder_only(config)
@@ -159,5 +159,4 @@ def decoder_spec(config, blocks_path: str = "") -> DecoderSpec:
         sliding_window=window,
         activation=getattr(config, "activation_function", None) or getattr(config, "hidden_act", "") or "",
         layer_types=layer_types,
-        blocks_path=blocks_path,
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptkiln.calibration.data import calibration_set, read_texts
-from gptkiln.calibration.layers import linear_layers, replace_weight
+from gptkiln.calibration.layers import linear_bits, linear_layers, replace_weight
 from gptkiln.calibration.outliers import plant_outliers
 from gptkiln.calibration.qdq import activation_threshold
 from gptkiln.calibration.smoothquant import smooth
@@ -155,9 +155,11 @@ def test_weight_only_int8_is_blocked_dequantize_that_onnxruntime_runs_as_8_bit_m
     layers = linear_layers(model)
     model.opset_imports[""] = 21  # blocked DequantizeLinear (the quantize stage raises it the same way)
     fmt = WeightFormat(32, symmetric=True, bits=8)
-    assert fmt.levels == (-127, 127) and fmt.bits_per_weight() == 9.0
+    assert fmt.levels == (-127, 127)
     done = quantize_weights(model, layers, fmt)
-    assert (done.skipped, done.narrowed) == ([], {})
+    assert (done.skipped, done.narrowed) == ([], {}) and set(done.errors) == {layer.name for layer in layers}
+    weights, bits = linear_bits(layers[0])
+    assert bits / weights == 9.0  # int8 codes and an fp32 scale per 32
     codes = [v for n, v in model.graph.initializers.items() if n.endswith(".int8")]
     assert len(codes) == len(layers) and {v.dtype for v in codes} == {ir.DataType.INT8}
     ir.save(model, tmp_path / "int8.onnx", external_data="int8.onnx.data")
@@ -168,3 +170,23 @@ def test_weight_only_int8_is_blocked_dequantize_that_onnxruntime_runs_as_8_bit_m
     optimized = ir.load(tmp_path / "optimized.onnx")
     nbits = [node for node in optimized.graph if node.op_type == "MatMulNBits"]
     assert len(nbits) == len(layers) and {node.attributes.get_int("bits") for node in nbits} == {8}
+
+
+@pytest.mark.parametrize("needed,counts,kept", [(1, [1], 1), (3, [1, 2, 4, 3], 3), (4, [1, 2, 4, 3], 4),
+                                                 (5, [1, 2, 4, 8, 6, 5], 5), (15, [1, 2, 4, 8, 15, 11, 13, 14], 15),
+                                                 (99, [1, 2, 4, 8, 15], 15)])
+def test_fallback_search_keeps_the_fewest_groups_that_pass(needed, counts, kept):
+    """Doubling, then bisection; the result is the passing trial even when the bisection's last try failed."""
+    from gptkiln.calibration.quantize import _search_count
+
+    tried = []
+
+    def attempt(groups):
+        tried.append(len(groups))
+        return f"graph-{len(groups)}", len(groups)
+
+    graph, trial, chosen, trials = _search_count([f"block {i}" for i in range(31)], 15, attempt,
+                                                 lambda count: count >= needed, ("graph-0", 0))
+    assert tried == counts and trials == counts and len(chosen) == kept
+    if needed <= 15:
+        assert (graph, trial) == (f"graph-{kept}", kept)
