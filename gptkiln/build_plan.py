@@ -26,8 +26,6 @@ from gptkiln.stage_cache import stage_key
 from gptkiln.targets.base import Target
 
 
-
-
 @dataclass(frozen=True)
 class BuildPlan:
     source: dict  # the model: kind, name, sha256

@@ -79,7 +79,8 @@ def linear_bits(layer: LinearLayer) -> tuple[int, int]:
     of the DequantizeLinear in front of it."""
     source = layer.node.inputs[1].producer()
     if source is None or source.op_type != "DequantizeLinear":
-        return layer.weight().size, layer.weight().size * 32
+        size = layer.weight().size
+        return size, size * 32
     parts = [value.const_value for value in source.inputs if value is not None and value.const_value is not None]
     return parts[0].size, sum(part.size * part.dtype.bitwidth for part in parts)
 

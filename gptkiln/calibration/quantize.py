@@ -199,13 +199,14 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
 
     graph, trial = attempt([])
     trials, kept, sensitivity = [trial], [], {}
-    if not passes(trial) and settings.fallback and precision.weight_only:
-        sensitivity = {g: sum(e for layer, e in graph.errors.items() if by_name[layer].group(spec) == g)
-                       for g in groups}
+    if not passes(trial) and settings.fallback and precision.weight_only and len(groups) >= 2:
+        sensitivity = dict.fromkeys(groups, 0.0)
+        for layer, error in graph.errors.items():
+            sensitivity[by_name[layer].group(spec)] += error
         ranked = sorted(groups, key=sensitivity.get, reverse=True)
         say(f"    over budget: keeping the groups whose rounding moves their outputs most in {backup} "
             f"(most sensitive: {', '.join(ranked[:3])})")
-        graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes, (graph, trial))
+        graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes)
         trials += [t for t in tried if t is not trial] + [trial]  # the kept graph's trial last: it is the result
         sensitivity = {g: round(e, 6) for g, e in sensitivity.items()}
     elif not passes(trial) and settings.fallback:
@@ -228,13 +229,12 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
                        graph.bits_per_weight)
 
 
-def _search_count(ranked: list[str], limit: int, attempt, passes, first) -> tuple:
-    """The fewest of the ranked groups to keep for the budget to hold: 1, 2, 4, ... up to `limit`, then
+def _search_count(ranked: list[str], limit: int, attempt, passes) -> tuple:
+    """The fewest of the ranked groups to keep for the budget to hold: 1, 2, 4, ... up to `limit` (>= 1), then
     bisected between the last count that failed and the first that passed. Returns (graph, trial, kept,
     the trials made); when none passes, the largest count tried."""
-    counts = [c for c in (2 ** i for i in range(limit.bit_length())) if c < limit] + [limit] if limit else []
+    counts = [c for c in (2 ** i for i in range(limit.bit_length())) if c < limit] + [limit]
     tried, failed = [], 0
-    graph, trial = first
     for count in counts:
         graph, trial = attempt(ranked[:count])
         tried.append(trial)

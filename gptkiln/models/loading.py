@@ -16,7 +16,7 @@ from pathlib import Path
 from gptkiln.errors import ModelNotFoundError, NotAModelError, UnsupportedModelError
 from gptkiln.manifest import sha256_file
 from gptkiln.models import gguf
-from gptkiln.models.spec import DecoderSpec, decoder_spec
+from gptkiln.models.spec import DecoderSpec, check_decoder_only, decoder_spec
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 # Bare "gpt2" is the hub id of OpenAI's weights; the random-weight preset is "preset:gpt2".
@@ -114,7 +114,7 @@ def _directory_digest(path: Path) -> str:
 def _load_directory(path: Path, source: dict) -> LoadedModel:
     _model_files(path)
     config = _read_config(str(path))
-    decoder_spec(config)  # refuse before the weights are read
+    check_decoder_only(config)  # refuse before the weights are read
     model = _from_pretrained(str(path), config)
     return LoadedModel(model, _load_tokenizer(str(path)), model_spec(model), source)
 
@@ -137,7 +137,7 @@ def _hub_config(model_id: str):
 
 def _load_hub(model_id: str, source: dict) -> LoadedModel:
     config = _hub_config(model_id)
-    decoder_spec(config)
+    check_decoder_only(config)
     try:
         model = _from_pretrained(model_id, config)
     except OSError as exc:  # weights missing from the repo, download interrupted

@@ -186,7 +186,7 @@ def test_fallback_search_keeps_the_fewest_groups_that_pass(needed, counts, kept)
         return f"graph-{len(groups)}", len(groups)
 
     graph, trial, chosen, trials = _search_count([f"block {i}" for i in range(31)], 15, attempt,
-                                                 lambda count: count >= needed, ("graph-0", 0))
+                                                 lambda count: count >= needed)
     assert tried == counts and trials == counts and len(chosen) == kept
     if needed <= 15:
         assert (graph, trial) == (f"graph-{kept}", kept)
