@@ -1,16 +1,24 @@
 """gptkiln against the tools users would otherwise pick, every one measured by `gptkiln bench`'s own code in one run.
 
-    python benchmarks/compare_tools.py MODEL [--optimum DIR] [--optimum-intel DIR] [--threads 2] [--repeats 3]
+    python benchmarks/compare_tools.py MODEL [--optimum DIR] [--optimum-intel DIR] [--genai DIR] [--concat-cache]
+                                             [--threads 2] [--repeats 3]
                                              [--precision fp32|int8|int4 ...] [--int4-block-size N ...]
 
-MODEL: reference or preset:gpt2 (the GPT-2 small shape). In one run, each in its own process
-(gptkiln.bench.measure: prefill b1 x 128, TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
+MODEL: reference, preset:gpt2 (the GPT-2 small shape) or a model path (SmolLM2's GGUF file). In one
+run, each in its own process, measured in interleaved rounds (gptkiln.bench.measure: prefill b1 x 128,
+TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
 - PyTorch eager fp32 (the baseline) and torch.compile (inductor, dynamic shapes);
 - gptkiln's engines, onnxruntime and openvino targets, fp32 / w8a8 / int8-dynamic (onnxruntime) /
-  int4 (GPTQ, gptkiln's default block; one build per --int4-block-size). They are built here by the
+  int8 (weight-only) / int4 (GPTQ, gptkiln's default block; one build per --int4-block-size). They are
+  built here by the
   code `gptkiln export` runs (quantize + target.compile), without its accuracy gate: the random-weight
   preset fails it by design (benchmarks/RESULTS.md). fp32 on openvino runs twice: as built (f32 KV cache)
   and with --kv-cache-precision f16, the counterpart of optimum-intel's default config;
+- --concat-cache: each onnxruntime engine also in the form gptkiln built before its in-place KV cache
+  (Concat of past and new, every logit row): the A/B of gptkiln.graph.kv_buffer and last_logits;
+- --genai DIR: onnxruntime-genai builder outputs, DIR/{fp32,int8,int4} (`python -m
+  onnxruntime_genai.models.builder -i HF_DIR -o DIR/P -p P -e cpu`), run by onnxruntime-genai's own
+  Generator (benchmarks/genai_runner.py) with the same threads and max_length = prompt + new tokens;
 - --optimum DIR: optimum-onnx exports of the same weights, run by ONNX Runtime (same version, same
   threads): DIR/{plain,O2,O3}/model.onnx (fp32), DIR/int8-dynamic/model_quantized.onnx
   (`optimum-cli onnxruntime quantize --avx512`), DIR/int4/model.onnx and DIR/int4-O2/model.onnx (ONNX
@@ -42,18 +50,22 @@ from gptkiln.calibration.data import calibration_set, read_texts
 from gptkiln.calibration.perplexity import EvalText, Evaluation
 from gptkiln.calibration.quantize import prepare, quantize
 from gptkiln.config import AccuracyBudget, CalibrationSettings, Precision, QuantSettings, RuntimeSettings
+from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.exporter.to_onnx import export_onnx
+from gptkiln.graph import optimize
 from gptkiln.models.loading import load_model
 from gptkiln.pipeline import Progress
 from gptkiln.targets import get_target
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
+from genai_runner import genai_precisions, load_genai
 from quantization import stdlib_text
 from tables import markdown_table
 
 HERE = Path(__file__).parent
 GPTKILN_BUILDS = {  # precision -> targets, as `gptkiln export --quantize P --target T` builds them
     Precision.FP32: ("onnxruntime", "openvino"), Precision.W8A8: ("onnxruntime", "openvino"),
-    Precision.INT8_DYNAMIC: ("onnxruntime",), Precision.INT4: ("onnxruntime", "openvino")}
+    Precision.INT8_DYNAMIC: ("onnxruntime",), Precision.INT8: ("onnxruntime", "openvino"),
+    Precision.INT4: ("onnxruntime", "openvino")}
 OPTIMUM_ONNX = {"optimum plain": ("plain/model.onnx", "fp32"), "optimum O2": ("O2/model.onnx", "fp32"),
                 "optimum O3": ("O3/model.onnx", "fp32"),
                 "optimum + ORT quantize": ("int8-dynamic/model_quantized.onnx", "int8-dynamic"),
@@ -68,7 +80,7 @@ def family(precision: str) -> str:
 
 
 def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, families: set[str],
-                     int4_blocks: list[int]) -> list[Variant]:
+                     int4_blocks: list[int], concat_cache: bool) -> list[Variant]:
     spec = loaded.spec
     text = stdlib_text(work)
     base = QuantSettings(calibration=CalibrationSettings(path=text), fallback=False)
@@ -99,12 +111,39 @@ def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, fam
                 directory = work / name / target
                 get_target(target).compile(graph, directory, spec)
                 variants.append(engine_variant(f"gptkiln {target}{suffix}", target, precision, directory, asdict(spec)))
+                if target == "onnxruntime" and concat_cache:
+                    directory = work / name / "onnxruntime-concat"
+                    compile_concat_form(graph, directory, spec)
+                    variants.append(engine_variant(f"gptkiln onnxruntime{suffix}, concat cache", target, precision,
+                                                   directory, asdict(spec)))
             if precision is Precision.FP32:  # the counterpart of optimum-intel's default config (f16 cache)
                 directory = work / name / "openvino-kv-f16"
                 get_target("openvino", RuntimeSettings(kv_cache_precision="f16")).compile(graph, directory, spec)
                 variants.append(engine_variant("gptkiln openvino, f16 KV cache", "openvino", precision, directory,
                                                asdict(spec)))
     return variants
+
+
+def compile_concat_form(graph: Path, directory: Path, spec) -> None:
+    """The onnxruntime engine as gptkiln compiled it before gptkiln.graph.kv_buffer and last_logits: the fusions
+    only (the Concat cache, every logit row), loaded by the same target code (its runtime config says concat)."""
+    import onnx_ir as ir
+
+    target = get_target("onnxruntime")
+    model = ir.load(graph)
+    optimize(model, spec, target.fusion_sets)
+    directory.mkdir(parents=True)
+    ir.save(model, directory / MODEL_FILE, external_data=DATA_FILE)
+    target.save_runtime_config(directory, {"intra_op_num_threads": target.runtime.threads, "kv_cache": "concat"})
+
+
+def genai_variants(directory: Path, spec: dict, settings: BenchSettings, families: set[str]) -> list[Variant]:
+    labels = {"fp32": "fp32", "int8": "int8 (weights)", "int4": "int4"}
+    return [Variant("onnxruntime-genai", labels[precision],
+                    partial(load_genai, str(path), spec, settings.prompt_tokens + settings.new_tokens),
+                    artifact_bytes=sum(p.stat().st_size for p in path.glob("model.onnx*")),
+                    weight_bytes=onnx_weight_bytes(path / "model.onnx"))
+            for precision, path in genai_precisions(directory).items() if family(precision) in families]
 
 
 def optimum_variants(directory: Path, spec: dict, families: set[str]) -> list[Variant]:
@@ -137,6 +176,9 @@ def main() -> None:
     parser.add_argument("model", nargs="?", default="preset:gpt2", help="reference or preset:gpt2")
     parser.add_argument("--optimum", type=Path, help="optimum-onnx exports (see the docstring)")
     parser.add_argument("--optimum-intel", type=Path, help="optimum-intel IRs (see the docstring)")
+    parser.add_argument("--genai", type=Path, help="onnxruntime-genai builder outputs (see the docstring)")
+    parser.add_argument("--concat-cache", action="store_true",
+                        help="also the onnxruntime engines in their former Concat-cache form")
     parser.add_argument("--threads", type=int, default=available_cores())
     parser.add_argument("--new-tokens", type=int, default=BenchSettings.new_tokens)
     parser.add_argument("--repeats", type=int, default=BenchSettings.repeats)
@@ -163,7 +205,9 @@ def main() -> None:
         accuracy: dict = {}
         families = set(args.precision or FAMILIES)
         variants += gptkiln_variants(loaded, work, progress, accuracy, families,
-                                     args.int4_block_size or [QuantSettings.int4_block_size])
+                                     args.int4_block_size or [QuantSettings.int4_block_size], args.concat_cache)
+        if args.genai:
+            variants += genai_variants(args.genai, spec, settings, families)
         if args.optimum:
             variants += optimum_variants(args.optimum, spec, families)
         if args.optimum_intel:
@@ -172,7 +216,8 @@ def main() -> None:
         report = measure_all(variants, decoder, work / "tokenizer", settings, progress)
     report["model"] = {"name": args.model}
     report["gptkiln_accuracy"] = accuracy  # perplexity / top-1 against fp32 PyTorch, per quantized precision
-    stem = f"compare_tools-{args.model.replace(':', '_')}" + "".join(f"-{f}" for f in args.precision or [])
+    label = Path(args.model).stem if Path(args.model).exists() else args.model.replace(":", "_")
+    stem = f"compare_tools-{label}" + "".join(f"-{f}" for f in args.precision or [])
     stem += "".join(f"-g{b}" for b in args.int4_block_size or [])
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     chart(report, HERE / "results" / f"{stem}.png")

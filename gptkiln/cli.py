@@ -140,7 +140,8 @@ def _add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--new-tokens", type=int, default=BenchSettings.new_tokens, help="default %(default)s")
     bench.add_argument("--batch", type=int, action="append", dest="batches",
                        help=f"decode batch size (repeatable; default {' and '.join(map(str, BenchSettings.batches))})")
-    bench.add_argument("--repeats", type=int, default=BenchSettings.repeats, help="default %(default)s")
+    bench.add_argument("--repeats", type=int, default=BenchSettings.repeats,
+                       help="rounds: every variant is measured once per round, interleaved (default %(default)s)")
     bench.add_argument("--warmup", type=int, default=BenchSettings.warmup, help="default %(default)s")
     bench.add_argument("--chart", type=Path, help="the PNG chart (default: benchmark.png in the measured directory)")
     bench.add_argument("--no-chart", action="store_true", help="write no chart")

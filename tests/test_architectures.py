@@ -16,6 +16,10 @@ CPU_TARGETS = ("onnxruntime", "openvino", "openvino-stateless")
 RMS_NORM = {"llama", "qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3_text"}
 ROTARY = RMS_NORM | {"gpt_neox", "falcon", "phi"}  # GPT-J rotates interleaved pairs: not claimed
 EAGER_ATTENTION = {"gpt_neo", "gemma2"}  # GPT-Neo's local attention, Gemma 2's soft-capping
+# ONNX Runtime keeps the Concat cache where the attention is not one op on transposed heads: eager attention,
+# partial rotary spliced with Concat (GPT-NeoX, Phi), the output reshaped before its transpose (Phi, Phi-3),
+# K/V without a head transpose (GPT-BigCode's and Falcon's single KV head)
+KV_CONCAT = EAGER_ATTENTION | {"gpt_neox", "phi", "phi3", "gpt_bigcode", "falcon"}
 GROUPED_KV = {"llama", "qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt_bigcode", "falcon"}
 
 
@@ -47,24 +51,32 @@ def test_family_passes_fp32_parity_on_every_cpu_target(model_type, tiny_model_di
         assert counts["onnx_attention"][0] == (None if model_type in EAGER_ATTENTION else layers)
         assert counts["gqa_attention"][0] == (layers if model_type in GROUPED_KV - EAGER_ATTENTION else None)
     assert ort["skip_rms_norm"][0] == (2 * layers if model_type in RMS_NORM else None)
+    ort_settings = next(t for t in result.targets if t.name == "onnxruntime").settings
+    assert ort_settings["kv_cache"] == ("concat" if model_type in KV_CONCAT else "in-place"), ort_settings
     assert (tmp_path / "out" / "manifest.json").is_file()
 
 
 def test_gqa_attention_reads_the_cache_without_repeating_it(tiny_model_dir, tmp_path):
-    """No Expand feeds an Attention: K/V go in with kv_num_heads (2 of 4 here), from the cache itself."""
+    """No Expand or Concat touches the cache: on ONNX Runtime each layer is one GroupQueryAttention reading
+    kv_num_heads (2 of 4 here) straight from its past input and writing its present; the portable graph's
+    Attention nodes (what OpenVINO compiles) take the same K/V heads from the Concat of past and new."""
     import onnx_ir as ir
+
+    from gptkiln.exporter.io_spec import past_names
 
     result = build(BuildConfig(model=str(tiny_model_dir("llama")), output=tmp_path / "out",
                                targets=("onnxruntime", "openvino")))
     assert result.ok
     graph = ir.load(tmp_path / "out" / "onnxruntime" / "model.onnx").graph
-    attention = [node for node in graph if node.op_type == "Attention"]
-    assert len(attention) == result.spec.num_layers
-    for node in attention:
-        for value in node.inputs[1:3]:
-            assert value.shape[1] == result.spec.num_kv_heads == 2
-            assert value.producer().op_type == "Concat"  # past + new: the present the graph outputs
-    assert not [node for node in graph if node.op_type == "Expand"]
+    gqa = [node for node in graph if node.op_type == "GroupQueryAttention"]
+    assert len(gqa) == result.spec.num_layers and not [n for n in graph if n.op_type in ("Attention", "Concat")
+                                                          and n.outputs[0].name.startswith("present")]
+    pasts = {value.name: value for value in graph.inputs}
+    for layer, node in enumerate(gqa):
+        assert node.attributes["kv_num_heads"].value == result.spec.num_kv_heads == 2
+        assert [v.name for v in node.inputs[3:5]] == past_names(result.spec.num_layers)[2 * layer: 2 * layer + 2]
+        assert all(node.inputs[i] is pasts[node.inputs[i].name] for i in (3, 4))
+    assert not [node for node in graph if node.op_type == "Expand" and node.outputs[0].dtype != ir.DataType.INT64]
 
 
 def test_a_family_outside_the_tested_list_is_exported_and_gated(tmp_path, capsys):

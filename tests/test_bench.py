@@ -46,7 +46,7 @@ def test_report_has_every_target_against_pytorch(benched, two_target_output):
     assert benched["build_key"] == read_manifest(two_target_output)["build"]["key"]
     for row in rows.values():
         assert row["peak_rss_mb"] > 0 and row["prefill_ms"]["min"] <= row["prefill_ms"]["median"] <= row["prefill_ms"]["max"]
-        assert set(row["decode"]) == {"1", "2"}
+        assert set(row["decode"]) == {"1", "2"} and row["rounds"] == 2
         for batch, decode in row["decode"].items():
             rate = decode["tokens_per_s"]
             assert rate["min"] <= rate["median"] <= rate["max"]
@@ -60,6 +60,14 @@ def test_report_has_every_target_against_pytorch(benched, two_target_output):
     extra_row = 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * context * 4
     onnxruntime = rows["onnxruntime"]["decode"]
     assert (onnxruntime["2"]["floor_ms"] - onnxruntime["1"]["floor_ms"]) == pytest.approx(extra_row / bandwidth / 1e6)
+
+
+def test_rounds_interleave_every_variant_in_a_rotated_order():
+    from gptkiln.bench.run import _round_order
+
+    orders = [_round_order(3, r) for r in range(4)]
+    assert all(sorted(order) == [0, 1, 2] for order in orders)
+    assert [order[0] for order in orders] == [0, 1, 2, 0]
 
 
 def test_results_stay_beside_the_build_and_travel_in_its_bundle(benched, two_target_output, capsys):

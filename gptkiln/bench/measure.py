@@ -1,8 +1,10 @@
 """The measurements of one engine: prefill, time to first token, decode tokens/s, peak memory.
 
-Each variant runs in a fresh process, so the peak resident memory is its own and no
-variant warms the caches of the next. Warm-up runs first; every figure is the median
-over repeats, with the min and max beside it.
+Each variant runs in its own process (a Worker), so the peak resident memory is its own. The
+workers load once and are then measured in rounds, every variant once per round (this machine is
+shared and noisy: a whole row moves 20% between runs minutes apart, so variants measured one after
+another are not comparable). Each round warms up first; every figure is the median over the
+rounds' samples, with the min and max beside it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -28,6 +31,7 @@ from gptkiln.runtime.generate import left_pad
 from gptkiln.targets.base import Runner
 
 WARMUP_DECODE_STEPS = 8
+PREFILL_SAMPLES = 2  # per round
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class BenchSettings:
     prompt_tokens: int = 128
     new_tokens: int = 128
     batches: tuple[int, ...] = (1, 8)
-    repeats: int = 3
+    repeats: int = 3  # rounds: every variant is measured once per round
     warmup: int = 1
 
     def to_dict(self) -> dict:
@@ -76,28 +80,40 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def measure(runner: Runner, encode: Callable[[], list[int]], settings: BenchSettings) -> dict:
-    """Prefill and TTFT at batch 1 and decode at each batch size, on the runner in this process."""
+def measure_round(runner: Runner, encode: Callable[[], list[int]], settings: BenchSettings) -> dict:
+    """One round's samples, on the runner in this process: prefill and TTFT at batch 1 (ms) and the
+    seconds of `new_tokens` decode steps at each batch size."""
     prompt = _prompt_ids(encode, settings.prompt_tokens)
     for _ in range(settings.warmup):
         for batch in settings.batches:
             _decode(runner, prompt, batch, WARMUP_DECODE_STEPS)
     prefill, ttft = [], []
-    for _ in range(max(settings.repeats, 5)):  # prefill is short: a few more samples cost little
+    for _ in range(PREFILL_SAMPLES):  # prefill is short: a few more samples cost little
         inputs, cache = _inputs(prompt, 1), runner.empty_cache(1)
         started = time.perf_counter()
-        runner.step(*inputs, cache)
+        runner.step(*inputs, cache, last_only=True)
         prefill.append((time.perf_counter() - started) * 1e3)
         started = time.perf_counter()
-        logits, _ = runner.step(*_inputs(_prompt_ids(encode, settings.prompt_tokens), 1), runner.empty_cache(1))
+        logits, _ = runner.step(*_inputs(_prompt_ids(encode, settings.prompt_tokens), 1), runner.empty_cache(1),
+                                last_only=True)
         int(logits[0, -1].argmax())
         ttft.append((time.perf_counter() - started) * 1e3)
+    decode = {str(batch): [_decode(runner, prompt, batch, settings.new_tokens)] for batch in settings.batches}
+    return {"prefill_ms": prefill, "ttft_ms": ttft, "decode_s": decode}
+
+
+def summarize(rounds: list[dict], settings: BenchSettings) -> dict:
+    """The rounds' samples as medians with their spread; decode as tokens/s and ms per step."""
+    def samples(key: str) -> list[float]:
+        return [value for sample in rounds for value in sample[key]]
+
     decode = {}
-    for batch in settings.batches:
-        seconds = [_decode(runner, prompt, batch, settings.new_tokens) for _ in range(settings.repeats)]
-        decode[str(batch)] = {"tokens_per_s": spread([batch * settings.new_tokens / s for s in seconds]),
-                              "step_ms": statistics.median(seconds) * 1e3 / settings.new_tokens}
-    return {"prefill_ms": spread(prefill), "ttft_ms": spread(ttft), "decode": decode}
+    for batch in map(str, settings.batches):
+        seconds = [value for sample in rounds for value in sample["decode_s"][batch]]
+        decode[batch] = {"tokens_per_s": spread([int(batch) * settings.new_tokens / s for s in seconds]),
+                         "step_ms": statistics.median(seconds) * 1e3 / settings.new_tokens}
+    return {"prefill_ms": spread(samples("prefill_ms")), "ttft_ms": spread(samples("ttft_ms")), "decode": decode,
+            "rounds": len(rounds)}
 
 
 def _prompt_ids(encode: Callable[[], list[int]], length: int) -> list[int]:
@@ -116,45 +132,86 @@ def _inputs(prompt: list[int], batch: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _decode(runner: Runner, prompt: list[int], batch: int, steps: int) -> float:
     """Seconds for `steps` greedy decode steps (argmax included) after a prefill of `prompt` in every row."""
-    logits, cache = runner.step(*_inputs(prompt, batch), runner.empty_cache(batch))
+    logits, cache = runner.step(*_inputs(prompt, batch), runner.empty_cache(batch), last_only=True)
     mask = np.ones((batch, len(prompt) + steps), np.int64)
     started = time.perf_counter()
     for step in range(steps):
         tokens = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
         position = np.full((batch, 1), len(prompt) + step, np.int64)
-        logits, cache = runner.step(tokens, mask[:, :len(prompt) + step + 1], position, cache)
+        logits, cache = runner.step(tokens, mask[:, :len(prompt) + step + 1], position, cache, last_only=True)
     return time.perf_counter() - started
 
 
-def run_in_child(variant: Variant, settings: BenchSettings, prompt_text: str, tokenizer_dir: Path) -> dict:
-    """Measure `variant` in a fresh interpreter that imports only what its loader needs (so its peak memory
-    is its own); its errors come back as the same gptkiln errors."""
-    job = pickle.dumps((variant, settings, prompt_text, str(tokenizer_dir)))
-    done = subprocess.run([sys.executable, "-m", "gptkiln.bench.measure"], input=job, capture_output=True)
-    lines = done.stdout.decode(errors="replace").strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = " | ".join(done.stderr.decode(errors="replace").strip().splitlines()[-3:])
-        raise errors.GptkilnError(f"measuring {variant.name} {variant.precision} failed "
-                                  f"(exit {done.returncode}): {tail}", "report this with the command line")
-    outcome = json.loads(lines[-1])
-    if "error" in outcome:
-        error = outcome["error"]
-        raise getattr(errors, error["type"], errors.GptkilnError)(error["cause"], error["fix"])
-    return outcome
+class Worker:
+    """A variant loaded in a fresh interpreter that imports only what its loader needs (so its peak memory is
+    its own), measured one round at a time; its errors come back as the same gptkiln errors."""
+
+    def __init__(self, variant: Variant, settings: BenchSettings, prompt_text: str, tokenizer_dir: Path):
+        self.variant = variant
+        self.log = tempfile.TemporaryFile()  # the child's stderr: a pipe nobody reads could fill and stall it
+        self.process = subprocess.Popen([sys.executable, "-m", "gptkiln.bench.measure"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.log)
+        pickle.dump((variant, settings, prompt_text, str(tokenizer_dir)), self.process.stdin)
+        self.process.stdin.flush()
+        self.loaded = self._reply()  # {"load_s", "facts"}
+
+    def round(self) -> dict:
+        return self._ask("round")
+
+    def finish(self) -> dict:
+        """Stop the child; its load time, facts and peak memory."""
+        try:
+            return {**self.loaded, **self._ask("finish")}
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+    def _ask(self, command: str) -> dict:
+        self.process.stdin.write(f"{command}\n".encode())
+        self.process.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline().decode(errors="replace").strip()
+        if not line:
+            self.process.wait()
+            self.log.seek(0)
+            tail = " | ".join(self.log.read().decode(errors="replace").strip().splitlines()[-3:])
+            self.log.close()
+            raise errors.GptkilnError(f"measuring {self.variant.name} {self.variant.precision} failed "
+                                      f"(exit {self.process.returncode}): {tail}", "report this with the command line")
+        outcome = json.loads(line)
+        if "error" in outcome:
+            self.close()
+            error = outcome["error"]
+            raise getattr(errors, error["type"], errors.GptkilnError)(error["cause"], error["fix"])
+        return outcome
 
 
-def _child(variant: Variant, settings: BenchSettings, prompt_text: str, tokenizer_dir: str) -> dict:
+def _serve(variant: Variant, settings: BenchSettings, prompt_text: str, tokenizer_dir: str) -> None:
+    """The child of a Worker: load, then answer each command on stdin with one JSON line on stdout."""
     from gptkiln.runtime.text import TextCodec
+
+    def reply(body: dict) -> None:
+        print(json.dumps(body), flush=True)
 
     try:
         started = time.perf_counter()
         runner, facts = variant.load(settings.threads)
-        load_seconds = time.perf_counter() - started
-        codec = TextCodec(Path(tokenizer_dir))
-        numbers = measure(runner, partial(codec.encode, prompt_text), settings)
+        reply({"load_s": time.perf_counter() - started, "facts": facts})
+        encode = partial(TextCodec(Path(tokenizer_dir)).encode, prompt_text)
+        for command in sys.stdin.buffer:
+            if command.strip() == b"finish":
+                reply({"peak_rss_mb": peak_rss_mb()})
+                return
+            reply(measure_round(runner, encode, settings))
     except errors.GptkilnError as error:
-        return {"error": error.to_dict()}
-    return {"load_s": load_seconds, "facts": facts, "peak_rss_mb": peak_rss_mb(), **numbers}
+        reply({"error": error.to_dict()})
 
 
 def peak_rss_mb() -> float:
@@ -168,5 +225,5 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
-if __name__ == "__main__":  # the child of run_in_child: a pickled job on stdin, one JSON line on stdout
-    print(json.dumps(_child(*pickle.load(sys.stdin.buffer))))
+if __name__ == "__main__":  # a Worker's child: a pickled job, then one command per line, on stdin
+    _serve(*pickle.load(sys.stdin.buffer))

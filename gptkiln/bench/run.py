@@ -1,7 +1,7 @@
 """`gptkiln bench`: every target and precision built under a directory, against PyTorch eager fp32, in one run.
 
-The run: measure the memory bandwidth, then each variant in its own process (PyTorch eager
-first), then put every decode figure beside its floor: the bytes one step reads (weights
+The run: measure the memory bandwidth, load each variant in its own process (PyTorch eager
+first), measure them all in interleaved rounds, then put every decode figure beside its floor: the bytes one step reads (weights
 + KV cache at the run's mean context length) over the measured bandwidth.
 """
 
@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from gptkiln.bench.bandwidth import read_bandwidth
-from gptkiln.bench.measure import BenchSettings, Variant, available_cores, run_in_child
+from gptkiln.bench.measure import BenchSettings, Variant, Worker, available_cores, summarize
 from gptkiln.bench.traffic import kv_cache_bytes, onnx_weight_bytes, openvino_weight_bytes, torch_weight_bytes
 from gptkiln.config import Precision
 from gptkiln.errors import ArtifactError, UsageError
@@ -161,18 +161,36 @@ def pytorch_variant(model: str, compiled: bool = False) -> Variant:
 
 def measure_all(variants: list[Variant], spec: DecoderSpec, tokenizer_dir: Path, settings: BenchSettings,
                 progress) -> dict:
-    """The bandwidth, then each variant in its own process; the first variant is the baseline (PyTorch eager)."""
+    """The bandwidth, then every variant in its own process, measured in `settings.repeats` interleaved rounds;
+    the first variant is the baseline (PyTorch eager)."""
     settings.validate(spec.max_positions)
     text = prompt_text(tokenizer_dir, settings.prompt_tokens)
     with progress.stage(f"measure memory bandwidth ({settings.threads} threads)"):
         bandwidth = read_bandwidth(settings.threads)
-    rows = []
-    for variant in variants:
-        with progress.stage(f"{variant.name} {variant.precision}"):
-            rows.append(_row(variant, run_in_child(variant, settings, text, tokenizer_dir), spec, settings, bandwidth))
+    workers: list[Worker] = []
+    try:
+        for variant in variants:
+            with progress.stage(f"load {variant.name} {variant.precision}"):
+                workers.append(Worker(variant, settings, text, tokenizer_dir))
+        rounds: list[list[dict]] = [[] for _ in workers]
+        for round_index in range(settings.repeats):
+            with progress.stage(f"round {round_index + 1} of {settings.repeats}: {len(workers)} variants"):
+                for index in _round_order(len(workers), round_index):
+                    rounds[index].append(workers[index].round())
+        rows = [_row(worker.variant, {**worker.finish(), **summarize(samples, settings)}, spec, settings, bandwidth)
+                for worker, samples in zip(workers, rounds)]
+    finally:
+        for worker in workers:
+            worker.close()
     _compare(rows)
     return {"spec": asdict(spec), "machine": machine(settings.threads, bandwidth), "settings": settings.to_dict(),
             "results": rows}
+
+
+def _round_order(count: int, round_index: int) -> list[int]:
+    """Every variant once, the order rotated by one each round: none is always measured first or right after
+    the same neighbour."""
+    return [(round_index + offset) % count for offset in range(count)]
 
 
 def _row(variant: Variant, measured: dict, spec: DecoderSpec, settings: BenchSettings, bandwidth: dict) -> dict:

@@ -65,7 +65,7 @@ def generate(runner: Runner, prompts: list[list[int]], config: GenerationConfig)
     batch = left_pad(prompts, config.pad_token_id)
     rng = np.random.default_rng(config.seed)
     logits, cache = runner.step(batch.input_ids, batch.attention_mask, batch.position_ids,
-                                runner.empty_cache(len(prompts)))
+                                runner.empty_cache(len(prompts)), last_only=True)
     attention_mask = batch.attention_mask
     positions = batch.position_ids[:, -1:]
     finished = np.zeros(len(prompts), dtype=bool)
@@ -82,7 +82,7 @@ def generate(runner: Runner, prompts: list[list[int]], config: GenerationConfig)
             break
         attention_mask = np.concatenate([attention_mask, np.ones((len(prompts), 1), np.int64)], axis=1)
         positions = positions + 1
-        logits, cache = runner.step(tokens[:, None].astype(np.int64), attention_mask, positions, cache)
+        logits, cache = runner.step(tokens[:, None].astype(np.int64), attention_mask, positions, cache, last_only=True)
     return new_tokens
 
 

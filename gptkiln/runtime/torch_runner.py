@@ -17,7 +17,7 @@ class TorchRunner(Runner):
         self.decoder = KVCacheDecoder(model, spec).eval()
 
     @torch.no_grad()
-    def step(self, input_ids, attention_mask, position_ids, cache):
+    def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
         logits, *present = self.decoder(torch.from_numpy(input_ids), torch.from_numpy(attention_mask),
                                         torch.from_numpy(position_ids), *(torch.from_numpy(c) for c in cache))
         return logits.numpy(), [p.numpy() for p in present]

@@ -38,8 +38,9 @@ class Runner(ABC):
 
     @abstractmethod
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One forward pass: logits [batch, seq, vocab] and the cache for the next step."""
+             cache: list[np.ndarray], last_only: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward pass: logits [batch, seq, vocab] and the cache for the next step. last_only: the caller
+        reads the last position's logits alone (generation), so a runner may return [batch, 1, vocab]."""
 
 
 class Target(ABC):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,16 @@ from gptkiln.config import Precision
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
+from gptkiln.graph.kv_buffer import share_kv_buffers
+from gptkiln.graph.last_logits import LOGITS_TO_KEEP, keep_last_logits
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 
 # Every optimisation ORT has, applied when the session is created: the result is specific
 # to the host's CPU/GPU, so it is never saved; the portable graph is what we ship.
 OPTIMIZATION_LEVEL = "ORT_ENABLE_ALL"
+KV_BLOCK = 64  # the in-place cache grows by this many positions at a time
+LAST, EVERY = np.array([1], np.int64), np.array([0], np.int64)  # logits_to_keep
 
 
 def providers() -> list[str]:
@@ -36,6 +41,8 @@ def create_session(model_path: Path, threads: int = 0):
 
 
 class OnnxRuntimeRunner(Runner):
+    """The Concat form: the cache is the contract's arrays, a new set returned by every step."""
+
     def __init__(self, spec: DecoderSpec, session):
         super().__init__(spec)
         self.session = session
@@ -43,6 +50,7 @@ class OnnxRuntimeRunner(Runner):
         inputs = {i.name: i.type for i in session.get_inputs()}
         # an fp16 graph keeps its KV cache in fp16 (gptkiln.graph.half)
         self.cache_dtype = np.float16 if inputs.get(self.past_names[0]) == "tensor(float16)" else np.float32
+        self.keeps_logits = LOGITS_TO_KEEP in inputs  # gptkiln.graph.last_logits
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         return [array.astype(self.cache_dtype) for array in super().empty_cache(batch)]
@@ -50,11 +58,84 @@ class OnnxRuntimeRunner(Runner):
     def cache_arrays(self, cache) -> list[np.ndarray]:
         return [array.astype(np.float32, copy=False) for array in cache]
 
-    def step(self, input_ids, attention_mask, position_ids, cache):
+    def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         feeds.update(zip(self.past_names, cache))
+        if self.keeps_logits:
+            feeds[LOGITS_TO_KEEP] = LAST if last_only else EVERY
         logits, *present = self.session.run(None, feeds)
         return logits, present
+
+
+@dataclass(frozen=True)
+class KVBuffer:
+    """The in-place cache (gptkiln.graph.kv_buffer): per cache tensor a [batch, kv_heads, capacity, head_dim]
+    array, zero where never written, bound as both the step's past and its present. A step writes at
+    positions length.. of the buffer, so a cache is spent by the step it is passed to."""
+
+    arrays: list[np.ndarray]
+    binding: object  # the session's IOBinding: logits first, then every past and present on `arrays`
+    length: int  # positions written
+
+    @property
+    def capacity(self) -> int:
+        return self.arrays[0].shape[2]
+
+
+class InPlaceRunner(OnnxRuntimeRunner):
+    """The buffer form: the session writes each step's keys and values into the cache where it lies
+    (IO binding: no copy of the cache, no numpy round trip). Capacity grows in blocks of KV_BLOCK."""
+
+    def __init__(self, spec: DecoderSpec, session):
+        super().__init__(spec, session)
+        self.present_names = io_spec.present_names(spec.num_layers)
+
+    def empty_cache(self, batch: int) -> KVBuffer:
+        return self._buffer(batch, 0)
+
+    def cache_arrays(self, cache: KVBuffer) -> list[np.ndarray]:
+        return [array[:, :, :cache.length].astype(np.float32) for array in cache.arrays]
+
+    def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
+        if isinstance(cache, list):  # the contract's arrays (another runner's cache)
+            cache = self._grown(KVBuffer([np.asarray(a, self.cache_dtype) for a in cache], None, cache[0].shape[2]),
+                                cache[0].shape[2], cache[0].shape[2])
+        batch, total = attention_mask.shape
+        past = total - input_ids.shape[1]
+        if past > cache.length or cache.arrays[0].shape[0] != batch:
+            raise ValueError(f"a step after {past} positions on a batch of {batch} got a cache of {cache.length} "
+                             f"positions and {cache.arrays[0].shape[0]} rows")
+        if total > cache.capacity:
+            cache = self._grown(cache, past, total)
+        binding = cache.binding
+        binding.bind_output("logits")  # ORT allocates it at this step's shape
+        for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                            ("position_ids", position_ids)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+        if self.keeps_logits:
+            binding.bind_cpu_input(LOGITS_TO_KEEP, LAST if last_only else EVERY)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy(), replace(cache, length=total)
+
+    def _buffer(self, batch: int, capacity: int) -> KVBuffer:
+        import onnxruntime as ort
+
+        shape = (batch, self.spec.num_kv_heads, capacity, self.spec.head_dim)
+        arrays = [np.zeros(shape, self.cache_dtype) for _ in self.past_names]
+        binding = self.session.io_binding()
+        binding.bind_output("logits")
+        for past_name, present_name, array in zip(self.past_names, self.present_names, arrays):
+            value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        return KVBuffer(arrays, binding, 0)
+
+    def _grown(self, cache: KVBuffer, keep: int, needed: int) -> KVBuffer:
+        """A buffer of `needed` positions or more (a multiple of KV_BLOCK) holding cache's first `keep`."""
+        grown = self._buffer(cache.arrays[0].shape[0], -(-max(needed, 1) // KV_BLOCK) * KV_BLOCK)
+        for new, old in zip(grown.arrays, cache.arrays):
+            new[:, :, :keep] = old[:, :, :keep]
+        return replace(grown, length=keep)
 
 
 class OnnxRuntimeTarget(Target):
@@ -83,9 +164,12 @@ class OnnxRuntimeTarget(Target):
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
+        concat_reason = share_kv_buffers(model, spec)
+        kv_cache = "concat" if concat_reason else "in-place"
+        all_logits_reason = keep_last_logits(model)
         out_dir.mkdir(parents=True, exist_ok=True)
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
-        self.save_runtime_config(out_dir, {"intra_op_num_threads": self.runtime.threads})
+        self.save_runtime_config(out_dir, {"intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache})
         try:
             create_session(out_dir / MODEL_FILE, self.runtime.threads)  # fail here, not on the user's device
         except Exception as exc:
@@ -93,15 +177,18 @@ class OnnxRuntimeTarget(Target):
                               "report this with the model config; the exported graph is invalid for ORT") from exc
         return {"model": MODEL_FILE, "graph_optimization_level": OPTIMIZATION_LEVEL,
                 "providers": providers(), "onnxruntime": ort.__version__,
-                "intra_op_num_threads": self.runtime.threads, "fusion": fusion.to_dict()}
+                "intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache,
+                **({"kv_cache_concat_reason": concat_reason} if concat_reason else {}),
+                "last_logits": all_logits_reason is None,
+                **({"last_logits_reason": all_logits_reason} if all_logits_reason else {}), "fusion": fusion.to_dict()}
 
     def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:
         self.check_available()
         try:
-            if threads is None:
-                threads = self.read_runtime_config(out_dir, {"intra_op_num_threads": 0})["intra_op_num_threads"]
-            session = create_session(out_dir / MODEL_FILE, threads)
+            config = self.read_runtime_config(out_dir, {"intra_op_num_threads": 0})
+            session = create_session(out_dir / MODEL_FILE, config["intra_op_num_threads"] if threads is None else threads)
         except Exception as exc:  # ORT raises its own exception types
             raise ArtifactError(f"ONNX Runtime cannot load '{out_dir / MODEL_FILE}': {str(exc).splitlines()[0][:300]}",
                                 "check the onnxruntime version against the manifest's, or export again") from None
-        return OnnxRuntimeRunner(spec, session)
+        in_place = config.get("kv_cache", "concat") == "in-place"
+        return (InPlaceRunner if in_place else OnnxRuntimeRunner)(spec, session)

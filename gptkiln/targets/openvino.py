@@ -149,7 +149,7 @@ class StatefulRunner(Runner):
         self.generation += 1
         return StateHandle(self.generation, batch)
 
-    def step(self, input_ids, attention_mask, position_ids, cache):
+    def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
         if not isinstance(cache, StateHandle) or cache.generation != self.generation:
             raise RuntimeError("a stateful OpenVINO runner continues only from the cache its last step returned")
         out = self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask,
@@ -173,7 +173,7 @@ class StatelessRunner(Runner):
         self.past_names = io_spec.past_names(spec.num_layers)
         self.present_names = io_spec.present_names(spec.num_layers)
 
-    def step(self, input_ids, attention_mask, position_ids, cache):
+    def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         feeds.update(zip(self.past_names, cache))
         out = self.request.infer(feeds)

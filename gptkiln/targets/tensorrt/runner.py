@@ -46,7 +46,7 @@ class TensorRTRunner(Runner):
     def cache_arrays(self, cache) -> list[np.ndarray]:
         return [tensor.float().cpu().numpy() for tensor in cache]
 
-    def step(self, input_ids, attention_mask, position_ids, cache):
+    def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
         torch = self.torch
         batch, sequence = input_ids.shape
         context = self.contexts[select_profile(self.profiles, batch, sequence, cache[0].shape[2])]

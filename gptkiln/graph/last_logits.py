@@ -1,0 +1,64 @@
+"""Logits only where they are used: an optional `logits_to_keep` input that slices the hidden states before the
+LM head.
+
+Generation reads one row of logits per step; parity and perplexity read every position. The LM head
+of a 49,152-token vocabulary is a fifth of a 128-token prefill's work, for one needed row. So:
+
+    logits = LMHead(hidden)                                  [batch, seq, vocab]
+        ==>  logits = LMHead(Slice(hidden, -logits_to_keep, end, axis=1))
+
+`logits_to_keep` is an int64 [1] graph input: 0 keeps every position (-0 is the start: the
+contract's logits), 1 the last. It is required, not an input with a default: ONNX Runtime's IO
+binding (which the in-place cache needs) cannot bind an initializer. The LM head is found by walking back from the logits output through soft-capping
+(Gemma 2's Div, Tanh, Mul by constants) and casts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+LOGITS_TO_KEEP = "logits_to_keep"
+LM_HEADS = ("MatMul", "MatMulNBits", "Gemm")
+
+
+def keep_last_logits(model: ir.Model) -> str | None:
+    """Add the input in place; return None when done, or why not (the graph unchanged)."""
+    graph = model.graph
+    logits = next((value for value in graph.outputs if value.name == "logits"), None)
+    head = logits.producer() if logits is not None else None
+    while head is not None and _elementwise(head):
+        head = head.inputs[0].producer()
+    if head is None or head.op_type not in LM_HEADS:
+        return "the logits are not the output of a MatMul (the LM head)"
+    hidden = head.inputs[0]
+    if hidden is None or hidden.shape is None or len(hidden.shape) != 3:
+        return "the LM head does not read [batch, sequence, hidden] states"
+    if any(use.node is not head for use in hidden.uses()):
+        return "the final hidden states are read by more than the LM head"
+    keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
+    graph.inputs.append(keep)
+    start = ir.node("Neg", [keep], name="logits_start")
+    constants = {name: _constant(graph, np.array(values, np.int64), name)
+                 for name, values in (("logits_end", [np.iinfo(np.int64).max]), ("logits_axis", [1]))}
+    kept = ir.node("Slice", [hidden, start.outputs[0], constants["logits_end"], constants["logits_axis"]],
+                   name="logits_positions")
+    for node, name, dtype in ((start, "logits_start", ir.DataType.INT64), (kept, "logits_positions", hidden.dtype)):
+        node.outputs[0].name, node.outputs[0].dtype = name, dtype
+    graph.insert_before(head, [start, kept])
+    head.replace_input_with(0, kept.outputs[0])
+    return None
+
+
+def _elementwise(node: ir.Node) -> bool:
+    """A cast, or soft-capping: Tanh, or Mul/Div of the first input by a constant."""
+    if node.op_type in ("Tanh", "Cast"):
+        return True
+    return node.op_type in ("Mul", "Div") and ir.convenience.get_const_tensor(node.inputs[1]) is not None
+
+
+def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.INT64))
+    graph.register_initializer(value)
+    return value
