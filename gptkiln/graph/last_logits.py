@@ -31,10 +31,11 @@ def keep_last_logits(model: ir.Model) -> str | None:
         head = head.inputs[0].producer()
     if head is None or head.op_type not in LM_HEADS:
         return "the logits are not the output of a MatMul (the LM head)"
-    hidden = head.inputs[0]
+    reader = _quantized_input(head) or head  # a static-int8 head reads its input through a Q/DQ pair
+    hidden = reader.inputs[0]
     if hidden is None or hidden.shape is None or len(hidden.shape) != 3:
         return "the LM head does not read [batch, sequence, hidden] states"
-    if any(use.node is not head for use in hidden.uses()):
+    if any(use.node is not reader for use in hidden.uses()):
         return "the final hidden states are read by more than the LM head"
     keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(keep)
@@ -45,9 +46,21 @@ def keep_last_logits(model: ir.Model) -> str | None:
                    name="logits_positions")
     for node, name, dtype in ((start, "logits_start", ir.DataType.INT64), (kept, "logits_positions", hidden.dtype)):
         node.outputs[0].name, node.outputs[0].dtype = name, dtype
-    graph.insert_before(head, [start, kept])
-    head.replace_input_with(0, kept.outputs[0])
+    graph.insert_before(reader, [start, kept])
+    reader.replace_input_with(0, kept.outputs[0])
     return None
+
+
+def _quantized_input(head: ir.Node) -> ir.Node | None:
+    """The QuantizeLinear of a QuantizeLinear -> DequantizeLinear -> head chain (W8A8), else None: the slice goes in
+    front of the pair (ONNX Runtime's QDQ propagation mistypes a Slice between them)."""
+    dequantize = head.inputs[0].producer() if head.inputs[0] is not None else None
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(head.inputs[0].uses()) != 1:
+        return None
+    quantize = dequantize.inputs[0].producer()
+    if quantize is None or quantize.op_type != "QuantizeLinear" or len(dequantize.inputs[0].uses()) != 1:
+        return None
+    return quantize
 
 
 def _elementwise(node: ir.Node) -> bool:

@@ -59,7 +59,7 @@ def test_w8a8_with_smoothquant_passes_on_every_cpu_target(w8a8_build):
         assert accuracy["tokens"] == 8192
     graph = onnx.load(str(output / "onnxruntime" / "model.onnx"), load_external_data=False)
     ops = {node.op_type for node in graph.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "Attention", "SkipLayerNormalization"} <= ops
+    assert {"QuantizeLinear", "DequantizeLinear", "GroupQueryAttention", "SkipLayerNormalization"} <= ops
 
 
 def test_openvino_stores_the_lookup_tables_of_a_quantized_build_in_uint8(w8a8_build):
