@@ -23,10 +23,12 @@ def test_inputs_and_outputs_follow_the_contract(reference_build):
     result, output = reference_build
     model = load_graph(output)
     expected_in, expected_out = io_spec.inputs(result.spec), io_spec.outputs(result.spec)
-    assert [i.name for i in model.graph.input] == [t.name for t in expected_in]
+    # the onnxruntime engine adds logits_to_keep (gptkiln.graph.last_logits) after the contract's inputs
+    assert [i.name for i in model.graph.input] == [t.name for t in expected_in] + [io_spec.LOGITS_TO_KEEP]
     assert [o.name for o in model.graph.output] == [t.name for t in expected_out]
-    for value, tensor in zip([*model.graph.input, *model.graph.output], [*expected_in, *expected_out]):
+    for value, tensor in zip([*model.graph.input[:-1], *model.graph.output], [*expected_in, *expected_out]):
         assert dims(value) == list(tensor.shape), value.name
+    assert dims(model.graph.input[-1]) == [1]
     assert dims(model.graph.input[0]) == ["batch", "sequence"]
     assert dims(model.graph.output[1]) == ["batch", result.spec.num_kv_heads, "past_sequence+sequence",
                                            result.spec.head_dim]
@@ -38,7 +40,8 @@ def test_one_straight_line_graph_at_the_requested_opset(reference_build):
     ops = {node.op_type for node in model.graph.node}
     assert not ops & {"If", "Loop", "Scan"}
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {BuildConfig.opset}
-    assert sum(node.op_type == "Attention" for node in model.graph.node) == 4  # opset 23: one per layer
+    # opset 23 exports one Attention per layer; the onnxruntime engine runs each as one GroupQueryAttention
+    assert sum(node.op_type == "GroupQueryAttention" for node in model.graph.node) == 4
 
 
 def test_weights_live_in_external_data_and_tied_embeddings_stay_one_tensor(reference_build):

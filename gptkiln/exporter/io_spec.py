@@ -10,6 +10,8 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # weights always go to external data: one layout for every size
 # Symbolic dimension names written into the ONNX graph.
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "past_sequence+sequence"
+# The ONNX Runtime engine's one input beyond the contract (gptkiln.graph.last_logits): int64 [1], 0 = every position
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from gptkiln.graph import (attention, fast_gelu, gelu, gemm_to_matmul, gqa_attention, onnx_attention, rms_normalization,
-                           rotary_embedding, skip_layer_norm, skip_rms_norm)
+from gptkiln.graph import (attention, fast_gelu, gelu, gemm_to_matmul, gqa_attention, int8_matmul, onnx_attention,
+                           rms_normalization, rotary_embedding, skip_layer_norm, skip_rms_norm)
 from gptkiln.graph.cleanup import cleanup
 from gptkiln.graph.fusion import Fusion, FusionCount
 from gptkiln.models.spec import DecoderSpec
@@ -23,7 +23,7 @@ from gptkiln.models.spec import DecoderSpec
 # takes the RMSNormalization).
 FUSIONS: tuple[Fusion, ...] = (gemm_to_matmul.FUSION, gelu.FUSION, rms_normalization.FUSION, rotary_embedding.FUSION,
                                onnx_attention.FUSION, gqa_attention.FUSION, attention.FUSION, skip_layer_norm.FUSION,
-                               skip_rms_norm.FUSION, fast_gelu.FUSION)
+                               skip_rms_norm.FUSION, fast_gelu.FUSION, int8_matmul.FUSION)
 
 
 @dataclass

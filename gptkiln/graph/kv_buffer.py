@@ -68,7 +68,7 @@ def share_kv_buffers(model: ir.Model, spec: DecoderSpec) -> str | None:
         ir.convenience.replace_all_uses_with(out, result)
         for concat, present in zip(concats, gqa.outputs[1:]):
             old = concat.outputs[0]
-            present.type = old.type
+            present.type, present.shape = old.type, old.shape  # the contract's shape (arrays in)
             ir.convenience.replace_all_uses_with(old, present, replace_graph_outputs=True)
             old.name, present.name = f"{old.name}_concat", old.name
     common.RemoveUnusedNodesPass()(model)

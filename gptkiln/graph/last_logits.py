@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-LOGITS_TO_KEEP = "logits_to_keep"
-LM_HEADS = ("MatMul", "MatMulNBits", "Gemm")
+from gptkiln.exporter.io_spec import LOGITS_TO_KEEP
+
+LM_HEADS = ("MatMul", "MatMulNBits", "Gemm", "MatMulIntegerToFloat")
 
 
 def keep_last_logits(model: ir.Model) -> str | None:
@@ -52,15 +53,17 @@ def keep_last_logits(model: ir.Model) -> str | None:
 
 
 def _quantized_input(head: ir.Node) -> ir.Node | None:
-    """The QuantizeLinear of a QuantizeLinear -> DequantizeLinear -> head chain (W8A8), else None: the slice goes in
-    front of the pair (ONNX Runtime's QDQ propagation mistypes a Slice between them)."""
-    dequantize = head.inputs[0].producer() if head.inputs[0] is not None else None
-    if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(head.inputs[0].uses()) != 1:
-        return None
-    quantize = dequantize.inputs[0].producer()
-    if quantize is None or quantize.op_type != "QuantizeLinear" or len(dequantize.inputs[0].uses()) != 1:
-        return None
-    return quantize
+    """The QuantizeLinear in front of a static-int8 (W8A8) head, through its DequantizeLinear if it has one; else
+    None. The slice goes in front of it (ONNX Runtime's QDQ propagation mistypes a Slice between Q and DQ)."""
+    node, value = head, head.inputs[0]
+    while value is not None and len(value.uses()) == 1 and value.producer() is not None:
+        node = value.producer()
+        if node.op_type == "QuantizeLinear":
+            return node
+        if node.op_type != "DequantizeLinear":
+            return None
+        value = node.inputs[0]
+    return None
 
 
 def _elementwise(node: ir.Node) -> bool:

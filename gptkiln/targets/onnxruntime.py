@@ -10,9 +10,7 @@ import numpy as np
 from gptkiln.config import Precision
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
-from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
-from gptkiln.graph.kv_buffer import share_kv_buffers
-from gptkiln.graph.last_logits import LOGITS_TO_KEEP, keep_last_logits
+from gptkiln.exporter.io_spec import DATA_FILE, LOGITS_TO_KEEP, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 
@@ -161,6 +159,8 @@ class OnnxRuntimeTarget(Target):
         import onnxruntime as ort
 
         from gptkiln.graph import optimize
+        from gptkiln.graph.kv_buffer import share_kv_buffers
+        from gptkiln.graph.last_logits import keep_last_logits
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)

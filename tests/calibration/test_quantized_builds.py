@@ -59,7 +59,10 @@ def test_w8a8_with_smoothquant_passes_on_every_cpu_target(w8a8_build):
         assert accuracy["tokens"] == 8192
     graph = onnx.load(str(output / "onnxruntime" / "model.onnx"), load_external_data=False)
     ops = {node.op_type for node in graph.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "GroupQueryAttention", "SkipLayerNormalization"} <= ops
+    assert {"QuantizeLinear", "GroupQueryAttention", "SkipLayerNormalization"} <= ops
+    # every linear layer runs int8 x int8 (graph.int8_matmul), none as a per-step DequantizeLinear + MatMul
+    assert sum(node.op_type == "MatMulIntegerToFloat" for node in graph.graph.node) == 17
+    assert not ops & {"DequantizeLinear", "MatMul"}
 
 
 def test_openvino_stores_the_lookup_tables_of_a_quantized_build_in_uint8(w8a8_build):
