@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from gptkiln.graph.initializers import initializer
 from gptkiln.models.spec import DecoderSpec
 
 
@@ -83,18 +84,6 @@ def linear_bits(layer: LinearLayer) -> tuple[int, int]:
         return size, size * 32
     parts = [value.const_value for value in source.inputs if value is not None and value.const_value is not None]
     return parts[0].size, sum(part.size * part.dtype.bitwidth for part in parts)
-
-
-def initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-    """Register a new initializer under a name not yet used in the graph."""
-    taken = model.graph.initializers
-    unique, suffix = name, 1
-    while unique in taken:
-        unique, suffix = f"{name}_{suffix}", suffix + 1
-    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=unique))
-    model.graph.register_initializer(value)
-    return value
 
 
 def replace_weight(model: ir.Model, layer: LinearLayer, array: np.ndarray) -> None:

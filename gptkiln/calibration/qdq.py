@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.calibration.layers import LinearLayer, initializer
+from gptkiln.calibration.layers import LinearLayer
+from gptkiln.graph.initializers import initializer
 from gptkiln.calibration.statistics import HIST_BINS, ActivationStats
 from gptkiln.config import ActivationCalibration
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.calibration.layers import LinearLayer, initializer, replace_weight
+from gptkiln.calibration.layers import LinearLayer, replace_weight
+from gptkiln.graph.initializers import initializer
 
 MIN_SCALE = 1e-5
 

@@ -16,7 +16,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.calibration.layers import LinearLayer, initializer
+from gptkiln.calibration.layers import LinearLayer
+from gptkiln.graph.initializers import initializer
 
 MIN_OPSET = 21  # blocked DequantizeLinear and int4 tensors
 MIN_BLOCK = 16  # the smallest block a layer is narrowed to

@@ -30,6 +30,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from gptkiln.exporter.io_spec import past_names, present_names
+from gptkiln.graph.initializers import initializer
 from gptkiln.models.spec import DecoderSpec
 
 MS_DOMAIN = "com.microsoft"
@@ -48,14 +49,15 @@ def share_kv_buffers(model: ir.Model, spec: DecoderSpec) -> str | None:
         layers.append(layer)
     first = graph.node(0)
     inputs = {value.name: value for value in graph.inputs}
-    seqlens_k, total = _lengths(graph, first, inputs["input_ids"], inputs["attention_mask"])
+    seqlens_k, total = _lengths(model, first, inputs["input_ids"], inputs["attention_mask"])
+    merge_heads = initializer(model, "kv_merge_heads", np.array([0, 0, -1], np.int64))
     for attention, q, k, v, out, concats in layers:
         mask = attention.inputs[3]
         attrs = {"num_heads": spec.num_heads, "kv_num_heads": spec.num_kv_heads}
         for name in ("scale", "softcap"):
             if name in attention.attributes:
                 attrs[name] = attention.attributes[name].value
-        query, key, value = (_three_d(graph, attention, *path, heads, f"{attention.name}_{role}")
+        query, key, value = (_three_d(graph, attention, *path, heads, merge_heads, f"{attention.name}_{role}")
                              for path, heads, role in ((q, spec.num_heads, "q"), (k, spec.num_kv_heads, "k"),
                                                        (v, spec.num_kv_heads, "v")))
         past_k, past_v = (concat.inputs[0] for concat in concats)
@@ -158,7 +160,7 @@ def _reads_not_length(node: ir.Node) -> bool:
 
 
 def _three_d(graph: ir.Graph, before: ir.Node, x: ir.Value, norms: list[ir.Node], rotary: ir.Node | None,
-             heads: int, name: str) -> ir.Value:
+             heads: int, merge_heads: ir.Value, name: str) -> ir.Value:
     """[batch, seq, heads, head] x -> [batch, seq, heads*head], normalised and rotated as before (the norms act on
     the head axis, the last in either layout; the rotary in its 3-D form)."""
     def add(op: str, inputs: list, attrs: dict, suffix: str) -> ir.Value:
@@ -175,16 +177,17 @@ def _three_d(graph: ir.Graph, before: ir.Node, x: ir.Value, norms: list[ir.Node]
             and len(split.inputs[0].shape) == 3:
         merged = split.inputs[0]  # x split a linear layer's [batch, seq, heads*head] output into heads
     else:
-        merged = add("Reshape", [x, _constant(graph, ir.tensor(np.array([0, 0, -1], np.int64)), "kv_merge_heads")], {},
-                     "3d")
+        merged = add("Reshape", [x, merge_heads], {}, "3d")
     if rotary is None:
         return merged
     attrs = {key: attr.value for key, attr in rotary.attributes.items()}
     return add("RotaryEmbedding", [merged, *rotary.inputs[1:]], {**attrs, "num_heads": heads}, "rotary")
 
 
-def _lengths(graph: ir.Graph, first: ir.Node, input_ids: ir.Value, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+def _lengths(model: ir.Model, first: ir.Node, input_ids: ir.Value, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
     """seqlens_k [batch] int32 = total-1 for every row; total_sequence_length, an int32 scalar."""
+    graph = model.graph
+
     def add(op: str, inputs: list, name: str, dtype=ir.DataType.INT64, **attrs) -> ir.Value:
         node = ir.node(op, inputs, attrs, name=name)
         graph.insert_before(first, node)
@@ -193,18 +196,9 @@ def _lengths(graph: ir.Graph, first: ir.Node, input_ids: ir.Value, attention_mas
         return value
 
     total = add("Shape", [attention_mask], "kv_total", start=1, end=2)
-    last = add("Sub", [total, _constant(graph, ir.tensor(np.array([1], np.int64)), "kv_one")], "kv_last")
+    last = add("Sub", [total, initializer(model, "kv_one", np.array([1], np.int64))], "kv_last")
     batch = add("Shape", [input_ids], "kv_batch", start=0, end=1)
     seqlens = add("Cast", [add("Expand", [last, batch], "kv_last_per_row")], "kv_seqlens_k", ir.DataType.INT32,
                   to=ir.DataType.INT32)
-    scalar = add("Squeeze", [total, _constant(graph, ir.tensor(np.array([0], np.int64)), "kv_axis0")], "kv_total_scalar")
+    scalar = add("Squeeze", [total, initializer(model, "kv_axis0", np.array([0], np.int64))], "kv_total_scalar")
     return seqlens, add("Cast", [scalar], "kv_total_sequence_length", ir.DataType.INT32, to=ir.DataType.INT32)
-
-
-def _constant(graph: ir.Graph, tensor: ir.Tensor, name: str) -> ir.Value:
-    if name in graph.initializers:
-        return graph.initializers[name]
-    value = ir.Value(name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(value)
-    return value
-

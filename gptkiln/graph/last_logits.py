@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from gptkiln.exporter.io_spec import LOGITS_TO_KEEP
+from gptkiln.graph.initializers import initializer
 
 LM_HEADS = ("MatMul", "MatMulNBits", "Gemm", "MatMulIntegerToFloat")
 
@@ -41,9 +42,8 @@ def keep_last_logits(model: ir.Model) -> str | None:
     keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(keep)
     start = ir.node("Neg", [keep], name="logits_start")
-    constants = {name: _constant(graph, np.array(values, np.int64), name)
-                 for name, values in (("logits_end", [np.iinfo(np.int64).max]), ("logits_axis", [1]))}
-    kept = ir.node("Slice", [hidden, start.outputs[0], constants["logits_end"], constants["logits_axis"]],
+    end = initializer(model, "logits_end", np.array([np.iinfo(np.int64).max], np.int64))
+    kept = ir.node("Slice", [hidden, start.outputs[0], end, initializer(model, "logits_axis", np.array([1], np.int64))],
                    name="logits_positions")
     for node, name, dtype in ((start, "logits_start", ir.DataType.INT64), (kept, "logits_positions", hidden.dtype)):
         node.outputs[0].name, node.outputs[0].dtype = name, dtype
@@ -71,10 +71,3 @@ def _elementwise(node: ir.Node) -> bool:
     if node.op_type in ("Tanh", "Cast"):
         return True
     return node.op_type in ("Mul", "Div") and ir.convenience.get_const_tensor(node.inputs[1]) is not None
-
-
-def _constant(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
-                     type=ir.TensorType(ir.DataType.INT64))
-    graph.register_initializer(value)
-    return value
