@@ -8,7 +8,7 @@ OUT ?= out/reference
 
 install:
 	$(if $(TORCH),$(PYTHON) -m pip install $(TORCH))
-	$(PYTHON) -m pip install -e '.[openvino]'
+	$(PYTHON) -m pip install -e '.[export,openvino]'
 
 install-dev:
 	$(if $(TORCH),$(PYTHON) -m pip install $(TORCH))

@@ -54,7 +54,7 @@ from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.graph import optimize
 from gptkiln.models.loading import load_model
-from gptkiln.pipeline import Progress
+from gptkiln.progress import Progress
 from gptkiln.targets import get_target
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
 from genai_runner import genai_precisions, load_genai

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from conftest import TINY_CONFIGS, save_tiny_model  # noqa: E402
 
-from gptkiln.cli import text_table  # noqa: E402
+from gptkiln.summary import text_table  # noqa: E402
 from gptkiln.config import BuildConfig  # noqa: E402
 from gptkiln.pipeline import build  # noqa: E402
 

@@ -25,7 +25,7 @@ from gptkiln.calibration.perplexity import EvalText, Evaluation
 from gptkiln.calibration.quantize import prepare
 from gptkiln.calibration.statistics import collect
 from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, quantize_weights
-from gptkiln.cli import text_table
+from gptkiln.summary import text_table
 from gptkiln.config import CalibrationSettings
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.models.loading import load_model

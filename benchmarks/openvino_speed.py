@@ -3,7 +3,7 @@
     python benchmarks/openvino_speed.py --model HF_DIR --gptkiln DIR --optimum DIR [--rounds 2]
 
 --model: the Hugging Face directory both exports came from (PyTorch eager runs it);
---gptkiln: one subdirectory per variant, each a gptkiln OpenVINO engine (DIR/<name>/openvino/model.xml);
+--gptkiln: one subdirectory per variant, each a gptkiln OpenVINO engine (DIR/<name>/openvino/openvino_model.xml);
 --optimum: one subdirectory per variant of `optimum-cli export openvino` output
   (DIR/<name>/openvino_model.xml); optimum-intel needs transformers < 5.6, so it runs in its
   own venv (benchmarks/RESULTS.md has the commands).
@@ -93,7 +93,7 @@ def child(kind: str, path: str, model_dir: str, threads: int, new_tokens: int, r
 def variants(args) -> dict[str, tuple[str, str]]:
     found = {"pytorch eager fp32": ("torch", "")}
     for name in sorted(p.name for p in Path(args.gptkiln).iterdir()):
-        found[f"gptkiln {name}"] = ("openvino", str(Path(args.gptkiln) / name / "openvino" / "model.xml"))
+        found[f"gptkiln {name}"] = ("openvino", str(Path(args.gptkiln) / name / "openvino" / "openvino_model.xml"))
     for name in sorted(p.name for p in Path(args.optimum).iterdir()):
         found[f"optimum-intel {name}"] = ("openvino", str(Path(args.optimum) / name / "openvino_model.xml"))
     return found

@@ -2,7 +2,7 @@
 
     python examples/openvino_generate.py OUT "def main(" [max_new_tokens]
 
-OUT is a `gptkiln export ... --target openvino` output: OUT/openvino/model.xml (+ .bin) with
+OUT is a `gptkiln export ... --target openvino` output: OUT/openvino/openvino_model.xml (+ .bin) with
 the KV cache kept as state, and OUT/tokenizer.json. No torch, transformers or gptkiln here.
 """
 
@@ -20,7 +20,7 @@ max_new_tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 32
 
 manifest = json.loads((out / "manifest.json").read_text())
 config = manifest["targets"]["openvino"]["settings"]["config"]  # f32 precision, as parity was proven
-request = ov.Core().compile_model(str(out / "openvino" / "model.xml"), "CPU", config).create_infer_request()
+request = ov.Core().compile_model(str(out / "openvino" / "openvino_model.xml"), "CPU", config).create_infer_request()
 tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
 eos = tokenizer.token_to_id("<|endoftext|>")
 

@@ -53,7 +53,7 @@ class BuildFile:
 
 
 def read_build_file(path: Path) -> BuildFile:
-    from gptkiln.cli import export_options
+    from gptkiln.options import export_options
 
     path = Path(path)
     if not path.is_file():
@@ -92,7 +92,7 @@ def read_build_file(path: Path) -> BuildFile:
 
 def _matrix_build(where, model: str, model_arg: str, precision: str, targets: list[str], options: dict,
                   overrides: dict, root: Path) -> MatrixBuild:
-    from gptkiln.cli import export_config
+    from gptkiln.options import export_config
     from gptkiln.targets import TARGETS, available_targets
 
     listed = targets or available_targets()

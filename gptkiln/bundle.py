@@ -3,8 +3,9 @@
     NAME.kiln.tar
       bundle.json        what is inside: sha256 of every file, IO contract, model, precision,
                          per target its requirements (runtime, device), settings and gate results
-      tokenizer.json, tokenizer_config.json
-      <target>/...       the engine files, as the build wrote them
+      tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json, config.json
+      <target>/...       the engine files, as the build wrote them (with what the target's own
+                         generation stack reads: gptkiln.ecosystem)
 
 `pack` writes the tar reproducibly (sorted entries, fixed owner and mtime), so the same output
 packs to the same bytes. `open_bundle` refuses, before loading: entries that are not plain files

@@ -16,7 +16,7 @@ import traceback
 
 from gptkiln.build_file import MatrixBuild
 from gptkiln.cache import cache_root
-from gptkiln.cli import text_table
+from gptkiln.summary import text_table
 from gptkiln.errors import GptkilnError
 from gptkiln.parity import worst_logits_rel
 from gptkiln.stage_cache import StageCache
@@ -70,7 +70,8 @@ def _limit_threads(threads: int) -> None:
 
 
 def run_one(item: MatrixBuild) -> dict:
-    from gptkiln.pipeline import Progress, build
+    from gptkiln.pipeline import build
+    from gptkiln.progress import Progress
 
     started = time.perf_counter()
     outcome = {"name": item.name, "output": str(item.config.output), "targets": list(item.config.targets),

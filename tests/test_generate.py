@@ -58,10 +58,23 @@ def test_eos_stops_only_the_row_that_emitted_it(runner):
     prompts = [[100, 200, 300], [42, 43]]
     free = generate(runner, prompts, GenerationConfig(max_new_tokens=10))
     eos = free[0][2]  # make row 0's third token the EOS
-    stopped = generate(runner, prompts, GenerationConfig(max_new_tokens=10, eos_token_id=eos))
+    stopped = generate(runner, prompts, GenerationConfig(max_new_tokens=10, eos_token_ids=(eos,)))
     assert stopped[0] == free[0][: free[0].index(eos) + 1]
     expected_row1 = free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1]
     assert stopped[1] == expected_row1
+
+
+def test_any_of_several_eos_ids_stops_a_row_and_each_token_is_seen_as_chosen(runner):
+    prompts = [[100, 200, 300], [42, 43]]
+    free = generate(runner, prompts, GenerationConfig(max_new_tokens=10))
+    stops = (free[0][3], free[1][1])  # a different stop token for each row (instruct models list several)
+    seen: list[tuple[int, int]] = []
+    stopped = generate(runner, prompts, GenerationConfig(max_new_tokens=10, eos_token_ids=stops),
+                       on_token=lambda row, token: seen.append((row, token)))
+    for row, prompt_tokens in enumerate(free):
+        first = min(prompt_tokens.index(stop) for stop in stops if stop in prompt_tokens)
+        assert stopped[row] == prompt_tokens[: first + 1]
+        assert [token for r, token in seen if r == row] == stopped[row]
 
 
 def test_prompt_plus_new_tokens_beyond_max_positions_is_a_usage_error(runner):

@@ -37,11 +37,11 @@ def test_stateful_ir_keeps_the_cache_as_state(openvino_build):
     import openvino as ov
 
     result, output = openvino_build
-    model = ov.Core().read_model(str(output / "openvino" / "model.xml"))
+    model = ov.Core().read_model(str(output / "openvino" / "openvino_model.xml"))
     names = {port.get_any_name() for port in model.inputs}
     assert names == {"input_ids", "attention_mask", "position_ids", "beam_idx"}
     assert len(model.get_sinks()) == 2 * result.spec.num_layers  # one Assign per cache tensor
-    stateless = ov.Core().read_model(str(output / "openvino-stateless" / "model.xml"))
+    stateless = ov.Core().read_model(str(output / "openvino-stateless" / "openvino_model.xml"))
     assert "past_key_values.0.key" in {port.get_any_name() for port in stateless.inputs}
 
 
@@ -62,7 +62,7 @@ def test_truncated_ir_is_an_artifact_error(openvino_build, tmp_path):
 
     result, output = openvino_build
     shutil.copytree(output / "openvino", tmp_path / "ir")
-    weights = tmp_path / "ir" / "model.bin"
+    weights = tmp_path / "ir" / "openvino_model.bin"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ArtifactError, match="OpenVINO cannot load"):
         get_target("openvino").load(tmp_path / "ir", result.spec)
@@ -153,7 +153,7 @@ def test_a_reduced_kv_cache_is_applied_recorded_and_refused_where_it_cannot_appl
     logits = {}
     for kv in ("f32", "f16"):
         config = compile_config(RuntimeSettings(threads=1, kv_cache_precision=kv))
-        runner = StatefulRunner(result.spec, ov.Core().compile_model(str(output / "openvino" / "model.xml"), "CPU", config))
+        runner = StatefulRunner(result.spec, ov.Core().compile_model(str(output / "openvino" / "openvino_model.xml"), "CPU", config))
         step, cache = runner.step(ids, np.ones_like(ids), np.arange(16, dtype=np.int64)[None], runner.empty_cache(1))
         steps = [step]
         for s in range(8):  # decode steps read the cache back

@@ -1,22 +1,12 @@
 """SmolLM2-135M-Instruct from its GGUF file: a real trained Llama through the whole fp32 pipeline on every CPU
-target, and the engines generate what transformers' own generate() does."""
+target, and the engines generate what transformers' own generate() does (the build: conftest's smollm2_build)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gptkiln.config import BuildConfig
-from gptkiln.pipeline import build
-
-CPU_TARGETS = ("onnxruntime", "openvino", "openvino-stateless")
 PROMPT = "def fibonacci(n):"
-
-
-@pytest.fixture(scope="module")
-def smollm2_build(smollm2_gguf, tmp_path_factory):
-    output = tmp_path_factory.mktemp("smollm2") / "out"
-    return build(BuildConfig(model=str(smollm2_gguf), output=output, targets=CPU_TARGETS)), output
 
 
 def test_smollm2_gguf_passes_the_fp32_gate_on_every_cpu_target(smollm2_build, smollm2_gguf):
@@ -73,3 +63,24 @@ def test_smollm2_engines_generate_what_transformers_generates(smollm2_build, tra
     ours = generate(open_output(output, target).runner, [ids], GenerationConfig(max_new_tokens=32))[0]
     assert ours == expected
     assert np.unique(ours).size > 4  # a real continuation, not one token repeated
+
+
+def test_smollm2_chat_is_what_transformers_chat_generates(smollm2_build, smollm2_gguf):
+    """--chat: the model's template applied without transformers, and generation stops at the model's end-of-turn."""
+    import torch
+
+    import gptkiln
+    from gptkiln.models.loading import load_model
+
+    _, output = smollm2_build
+    message = "What is the capital of France?"
+    loaded = load_model(str(smollm2_gguf))
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]
+    with torch.no_grad():
+        native = loaded.model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                                       attention_mask=torch.ones(1, len(ids), dtype=torch.int64))
+    expected = loaded.tokenizer.decode(native[0, len(ids):], skip_special_tokens=True)
+    reply = gptkiln.load(output, "onnxruntime").generate(message, chat=True, max_new_tokens=48)
+    assert reply == expected and "Paris" in reply
+    assert native.shape[1] - len(ids) < 48  # it stopped at <|im_end|>, and so did gptkiln

@@ -8,7 +8,7 @@ from gptkiln.errors import UsageError
 
 
 def summary(report: dict) -> str:
-    from gptkiln.cli import text_table
+    from gptkiln.summary import text_table
 
     machine, settings = report["machine"], report["settings"]
     bandwidth = machine["bandwidth"]

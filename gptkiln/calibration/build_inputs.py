@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation
 from gptkiln.config import BuildConfig, Int4Method, Precision, QuantSettings
 from gptkiln.errors import UsageError
 from gptkiln.exporter.io_spec import MODEL_FILE
 from gptkiln.models.loading import LoadedModel
+from gptkiln.progress import Progress
 
 
 def needs_calibration(precision: Precision, quant: QuantSettings) -> bool:
@@ -49,7 +49,7 @@ def read_quant_inputs(config: BuildConfig) -> QuantInputs | None:
 
 
 def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config: BuildConfig, inputs: QuantInputs,
-              evaluation: Evaluation, say: Callable[[str], None]):
+              evaluation: Evaluation, progress: Progress):
     """The exported graph, prepared and quantized; the targets' fusions run on the result."""
     from gptkiln.calibration.data import calibration_set
     from gptkiln.calibration.quantize import prepare, quantize
@@ -63,7 +63,7 @@ def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config:
         calibration = calibration_set(inputs.calibration, loaded.tokenizer, quant.calibration, str(quant.calibration.path))
 
     def evaluate(path: Path) -> AccuracyReport:  # trials run on ONNX Runtime CPU; every target is gated itself
-        return evaluation.measure(OnnxRuntimeRunner(loaded.spec, create_session(path)))
+        return evaluation.measure(OnnxRuntimeRunner(loaded.spec, create_session(path)), progress)
 
     return quantize(prepared, directory, config.precision, quant, loaded.spec, calibration, evaluate,
-                    quant.budget_for(config.precision), say)
+                    quant.budget_for(config.precision), progress)

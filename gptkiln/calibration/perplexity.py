@@ -12,6 +12,7 @@ from gptkiln.calibration.data import read_texts, token_stream
 from gptkiln.config import AccuracyBudget
 from gptkiln.errors import CalibrationError
 from gptkiln.models.loading import REFERENCE_DIR
+from gptkiln.progress import QUIET, Progress
 from gptkiln.targets.base import Runner
 
 DEFAULT_EVAL_TEXT = REFERENCE_DIR / "heldout.txt"
@@ -71,8 +72,9 @@ def eval_windows(tokenizer, text: EvalText, max_tokens: int) -> np.ndarray:
     return stream[: count * WINDOW].reshape(count, WINDOW)
 
 
-def score(runner: Runner, windows: np.ndarray) -> Scores:
+def score(runner: Runner, windows: np.ndarray, progress: Progress = QUIET) -> Scores:
     nll_sum, count, top1 = 0.0, 0, []
+    bar = progress.bar(-(-len(windows) // BATCH), "perplexity", "batches")
     for start in range(0, len(windows), BATCH):
         ids = windows[start : start + BATCH]
         batch, length = ids.shape
@@ -84,6 +86,8 @@ def score(runner: Runner, windows: np.ndarray) -> Scores:
         nll_sum += float((log_norm - target).sum())
         count += target.size
         top1.append(logits.argmax(-1))
+        bar.step()
+    bar.close()
     return Scores(nll_sum / count, np.concatenate(top1))
 
 
@@ -101,14 +105,14 @@ class Evaluation:
     reference: Scores
 
     @classmethod
-    def prepare(cls, loaded, text: EvalText, eval_tokens: int) -> "Evaluation":
+    def prepare(cls, loaded, text: EvalText, eval_tokens: int, progress: Progress = QUIET) -> "Evaluation":
         from gptkiln.runtime.torch_runner import TorchRunner
 
         windows = eval_windows(loaded.tokenizer, text, eval_tokens)
-        return cls(windows, text.name, score(TorchRunner(loaded.model, loaded.spec), windows))
+        return cls(windows, text.name, score(TorchRunner(loaded.model, loaded.spec), windows, progress))
 
-    def measure(self, runner: Runner) -> AccuracyReport:
-        return compare(score(runner, self.windows), self.reference, self.text)
+    def measure(self, runner: Runner, progress: Progress = QUIET) -> AccuracyReport:
+        return compare(score(runner, self.windows, progress), self.reference, self.text)
 
 
 def accuracy_failures(report: AccuracyReport, budget: AccuracyBudget) -> list[str]:

@@ -32,6 +32,7 @@ from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, quantize_we
 from gptkiln.config import AccuracyBudget, ActivationCalibration, Int4Method, Precision, QuantSettings
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
+from gptkiln.progress import QUIET, Progress
 
 Evaluator = Callable[[Path], AccuracyReport]
 
@@ -128,7 +129,7 @@ def prepare(exported: Path, prepared: Path, spec: DecoderSpec) -> None:
 
 def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSettings, spec: DecoderSpec,
              calibration: CalibrationSet | None, evaluate: Evaluator, budget: AccuracyBudget,
-             say: Callable[[str], None] = lambda _: None) -> QuantResult:
+             progress: Progress = QUIET) -> QuantResult:
     base, smoothing, thresholds, hessians, cached = prepared, [], {}, None, False
     model = ir.load(prepared)
     layers = linear_layers(model)
@@ -136,7 +137,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     names = sorted({layer.activation.name for layer in layers})
     groups = list(dict.fromkeys(layer.group(spec) for layer in layers))  # smoothing keeps names, so groups hold
     if precision is Precision.W8A8:
-        stats = collect(prepared, names, calibration, spec)
+        stats = collect(prepared, names, calibration, spec, progress=progress)
         cached = stats.cached
         if settings.smoothquant_alpha is not None:
             smoothing = smooth(model, layers, dict(stats.absmax), settings.smoothquant_alpha)
@@ -144,13 +145,14 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
             base.parent.mkdir(parents=True)
             ir.save(model, base, external_data=DATA_FILE)
         if base != prepared or settings.activations is not ActivationCalibration.MINMAX:
-            stats = collect(base, names, calibration, spec, histograms=settings.activations is not ActivationCalibration.MINMAX)
+            stats = collect(base, names, calibration, spec, progress=progress,
+                            histograms=settings.activations is not ActivationCalibration.MINMAX)
             cached = cached and stats.cached
         thresholds = {n: activation_threshold(stats, n, settings.activations, settings.percentile) for n in names}
     elif precision is Precision.INT4 and settings.int4_method is Int4Method.GPTQ:
-        stats = collect(prepared, names, calibration, spec, hessians=True)
+        stats = collect(prepared, names, calibration, spec, hessians=True, progress=progress)
         hessians, cached = stats.hessians, stats.cached
-    say(f"    statistics: {'from the cache' if cached else 'collected'}" if calibration is not None else
+    progress.say(f"    statistics: {'from the cache' if cached else 'collected'}" if calibration is not None else
         "    no calibration needed")
 
     trial_count = 0
@@ -174,7 +176,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
             int8 = weight_format(Precision.INT8, settings)
             done = quantize_weights(model, chosen, fmt, hessians, {layer.name: int8 for layer in in_kept}
-                                    if backup == "int8" else None, say if trial_count == 1 else lambda _: None)
+                                    if backup == "int8" else None, progress if trial_count == 1 else QUIET)
             not_quantizable, narrowed, errors = done.skipped, done.narrowed, done.errors
         path = work / f"trial-{trial_count}" / MODEL_FILE
         path.parent.mkdir(parents=True)
@@ -190,7 +192,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         trial = Trial(list(kept), evaluate(graph.path))
         what = "all layers" if not kept else f"{backup}: " + (", ".join(kept) if len(kept) <= 6 else
                                                                f"{len(kept)} groups ({', '.join(kept[:4])}, ...)")
-        say(f"    {what}: perplexity {trial.accuracy.ppl:.3f} ({trial.accuracy.ppl_increase_pct:+.2f}%), "
+        progress.say(f"    {what}: perplexity {trial.accuracy.ppl:.3f} ({trial.accuracy.ppl_increase_pct:+.2f}%), "
             f"top-1 {trial.accuracy.top1_agreement:.2%}, {graph.bits_per_weight['model']:.2f} bits per weight")
         return graph, trial
 
@@ -204,14 +206,19 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         for layer, error in graph.errors.items():
             sensitivity[by_name[layer].group(spec)] += error
         ranked = sorted(groups, key=sensitivity.get, reverse=True)
-        say(f"    over budget: keeping the groups whose rounding moves their outputs most in {backup} "
+        progress.say(f"    over budget: keeping the groups whose rounding moves their outputs most in {backup} "
             f"(most sensitive: {', '.join(ranked[:3])})")
         graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes)
         trials += [t for t in tried if t is not trial] + [trial]  # the kept graph's trial last: it is the result
         sensitivity = {g: round(e, 6) for g, e in sensitivity.items()}
     elif not passes(trial) and settings.fallback:
-        say(f"    over budget: measuring the sensitivity of {len(groups)} layer groups")
-        measured = {group: attempt([group]) for group in groups}
+        progress.say(f"    over budget: measuring the sensitivity of {len(groups)} layer groups")
+        bar = progress.bar(len(groups), "sensitivity", "groups")
+        measured = {}
+        for group in groups:
+            measured[group] = attempt([group])
+            bar.step()
+        bar.close()
         ranked = sorted(groups, key=lambda g: measured[g][1].accuracy.ppl)
         for count in range(1, len(groups) // 2 + 1):
             kept = ranked[:count]

@@ -24,6 +24,7 @@ from gptkiln.calibration.data import CalibrationSet
 from gptkiln.exporter import io_spec
 from gptkiln.manifest import sha256_file
 from gptkiln.models.spec import DecoderSpec
+from gptkiln.progress import QUIET, Bar, Progress
 
 HIST_BINS = 2048
 BATCH = 8
@@ -51,7 +52,7 @@ def graph_sha256(model_path: Path) -> str:
 
 
 def collect(model_path: Path, names: list[str], calibration: CalibrationSet, spec: DecoderSpec, *,
-            histograms: bool = False, hessians: bool = False) -> ActivationStats:
+            histograms: bool = False, hessians: bool = False, progress: Progress = QUIET) -> ActivationStats:
     """Statistics of `names` (graph tensors); read from the cache when this exact request ran before."""
     names = sorted(set(names))
     key = hashlib.sha256(json.dumps({
@@ -64,8 +65,10 @@ def collect(model_path: Path, names: list[str], calibration: CalibrationSet, spe
         stats.cached = True
         return stats
     stats = ActivationStats()
+    batches = -(-len(calibration.windows) // BATCH)
+    bar = progress.bar(batches * (2 if histograms else 1), "calibration statistics", "batches")
     with _probe_session(model_path, names) as run:
-        for batch in _activations(run, calibration, spec):
+        for batch in _activations(run, calibration, spec, bar):
             for name, x in batch.items():
                 x = x.reshape(-1, x.shape[-1])
                 channel_max = np.abs(x).max(axis=0)
@@ -74,11 +77,12 @@ def collect(model_path: Path, names: list[str], calibration: CalibrationSet, spe
                     stats.hessians[name] = stats.hessians.get(name, 0.0) + (x.T @ x).astype(np.float64)
             stats.rows += len(x)
         if histograms:
-            for batch in _activations(run, calibration, spec):
+            for batch in _activations(run, calibration, spec, bar):
                 for name, x in batch.items():
                     top = max(stats.tensor_absmax(name), 1e-12)
                     bins = np.minimum((np.abs(x).ravel() * (HIST_BINS / top)).astype(np.int64), HIST_BINS - 1)
                     stats.histograms[name] = stats.histograms.get(name, 0) + np.bincount(bins, minlength=HIST_BINS)
+    bar.close()
     _save(path, stats)
     return stats
 
@@ -114,8 +118,9 @@ def _probe_session(model_path: Path, names: list[str]):
         Path(probe).unlink(missing_ok=True)
 
 
-def _activations(run, calibration: CalibrationSet, spec: DecoderSpec):
-    """Yield {name: activation} for each forward pass: each batch's prefill, then its decode steps."""
+def _activations(run, calibration: CalibrationSet, spec: DecoderSpec, bar: Bar):
+    """Yield {name: activation} for each forward pass: each batch's prefill, then its decode steps (a bar step per
+    batch)."""
     past_names = io_spec.past_names(spec.num_layers)
     for windows in calibration.batches(BATCH):
         batch, length = windows.shape
@@ -131,6 +136,7 @@ def _activations(run, calibration: CalibrationSet, spec: DecoderSpec):
             feeds.update(zip(past_names, cache))
             cache, probed = run(feeds)
             yield probed
+        bar.step()
 
 
 

@@ -9,7 +9,6 @@ weighted by the inverse Hessian sum(x xᵀ) of the calibration activations.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 import ml_dtypes
@@ -18,6 +17,7 @@ import onnx_ir as ir
 
 from gptkiln.calibration.layers import LinearLayer
 from gptkiln.graph.initializers import initializer
+from gptkiln.progress import QUIET, Progress
 
 MIN_OPSET = 21  # blocked DequantizeLinear and int4 tensors
 MIN_BLOCK = 16  # the smallest block a layer is narrowed to
@@ -134,13 +134,13 @@ class WeightOnlyResult:
 def quantize_weights(model: ir.Model, layers: list[LinearLayer], requested: WeightFormat,
                      hessians: dict[str, np.ndarray] | None = None,
                      formats: dict[str, WeightFormat] | None = None,
-                     say=lambda _: None) -> WeightOnlyResult:
+                     progress: Progress = QUIET) -> WeightOnlyResult:
     """Replace each layer's weight by a blocked DequantizeLinear; GPTQ where a Hessian is given. `formats`
     gives some layers another format than `requested` (the mixed-precision fallback's int8 backup)."""
     result = WeightOnlyResult([], {}, {})
-    progress = Eta(len(layers), "GPTQ" if hessians is not None else "rounding", say)
+    bar = progress.bar(len(layers), "GPTQ" if hessians is not None else "rounding", "layers")
     for layer in layers:
-        progress.step()
+        bar.step()
         requested_here = (formats or {}).get(layer.name, requested)
         weight = layer.weight()
         fmt = requested_here.for_rows(weight.shape[0])
@@ -163,19 +163,6 @@ def quantize_weights(model: ir.Model, layers: list[LinearLayer], requested: Weig
         node = ir.node("DequantizeLinear", inputs, attributes={"axis": 0, "block_size": fmt.block_size})
         model.graph.insert_before(layer.node, node)
         layer.node.replace_input_with(1, node.outputs[0])
+    bar.close()
     return result
 
-
-class Eta:
-    """A line every tenth of the way through a long loop: how far, and how long the rest will take."""
-
-    def __init__(self, total: int, what: str, say):
-        self.total, self.what, self.say, self.done = total, what, say, 0
-        self.started = time.perf_counter()
-
-    def step(self) -> None:
-        self.done += 1
-        if self.total >= 20 and self.done % max(1, self.total // 10) == 0 and self.done < self.total:
-            elapsed = time.perf_counter() - self.started
-            left = elapsed / self.done * (self.total - self.done)
-            self.say(f"    {self.what}: {self.done}/{self.total} layers, {elapsed:.0f}s, about {left:.0f}s left")

@@ -11,7 +11,7 @@ DATA_FILE = "model.onnx.data"  # weights always go to external data: one layout 
 # Symbolic dimension names written into the ONNX graph.
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "past_sequence+sequence"
 # The ONNX Runtime engine's one input beyond the contract (gptkiln.graph.last_logits): int64 [1], 0 = every position
-LOGITS_TO_KEEP = "logits_to_keep"
+LOGITS_TO_KEEP = "num_logits_to_keep"  # the name onnxruntime-genai and optimum feed (0)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,16 @@
-"""Logits only where they are used: an optional `logits_to_keep` input that slices the hidden states before the
-LM head.
+"""Logits only where they are used: a `num_logits_to_keep` input that slices the hidden states before the LM head.
 
 Generation reads one row of logits per step; parity and perplexity read every position. The LM head
 of a 49,152-token vocabulary is a fifth of a 128-token prefill's work, for one needed row. So:
 
     logits = LMHead(hidden)                                  [batch, seq, vocab]
-        ==>  logits = LMHead(Slice(hidden, -logits_to_keep, end, axis=1))
+        ==>  logits = LMHead(Slice(hidden, -num_logits_to_keep, end, axis=1))
 
-`logits_to_keep` is an int64 [1] graph input: 0 keeps every position (-0 is the start: the
-contract's logits), 1 the last. It is required, not an input with a default: ONNX Runtime's IO
-binding (which the in-place cache needs) cannot bind an initializer. The LM head is found by walking back from the logits output through soft-capping
-(Gemma 2's Div, Tanh, Mul by constants) and casts.
+`num_logits_to_keep` is an int64 [1] graph input: 0 keeps every position (-0 is the start: the
+contract's logits), 1 the last. The name and meaning are the ones onnxruntime-genai and optimum already
+feed (0), so their runtimes load the graph as it is. It is required, not an input with a default: ONNX
+Runtime's IO binding (which the in-place cache needs) cannot bind an initializer. The LM head is found by
+walking back from the logits output through soft-capping (Gemma 2's Div, Tanh, Mul by constants) and casts.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ class GenerationConfig:
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int = 0
-    eos_token_id: int | None = None  # stop a row when it emits this token
+    eos_token_ids: tuple[int, ...] = ()  # stop a row when it emits one of these
     pad_token_id: int = 0
 
     def validate(self) -> None:
@@ -54,8 +55,10 @@ def left_pad(prompts: list[list[int]], pad_token_id: int) -> Batch:
     return Batch(input_ids, attention_mask, position_ids)
 
 
-def generate(runner: Runner, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
-    """Return the new tokens of each prompt (up to and including EOS)."""
+def generate(runner: Runner, prompts: list[list[int]], config: GenerationConfig,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Return the new tokens of each prompt (up to and including EOS); on_token(row, token) sees each one as it
+    is chosen."""
     config.validate()
     longest = max((len(p) for p in prompts), default=0)
     if longest + config.max_new_tokens > runner.spec.max_positions:
@@ -76,8 +79,9 @@ def generate(runner: Runner, prompts: list[list[int]], config: GenerationConfig)
         for row, token in enumerate(tokens):
             if not finished[row]:
                 new_tokens[row].append(int(token))
-        if config.eos_token_id is not None:
-            finished |= tokens == config.eos_token_id
+                if on_token:
+                    on_token(row, int(token))
+        finished |= np.isin(tokens, config.eos_token_ids)
         if finished.all() or step == config.max_new_tokens - 1:
             break
         attention_mask = np.concatenate([attention_mask, np.ones((len(prompts), 1), np.int64)], axis=1)

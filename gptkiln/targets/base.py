@@ -115,6 +115,11 @@ class Target(ABC):
         """Write the engine files into out_dir; return the settings to record in the manifest
         (with a "fusion" entry: the FusionReport of the graph this target runs)."""
 
+    def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
+        """Write, beside a compiled engine, what this runtime's own generation stack needs to load out_dir as it
+        is (gptkiln.ecosystem); return the record for the manifest ({}: nothing for this target)."""
+        return {}
+
     @abstractmethod
     def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:
         """Load the engine files written by compile() (CPU runtimes: with `threads`; None: as built)."""

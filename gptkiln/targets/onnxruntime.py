@@ -18,7 +18,7 @@ from gptkiln.targets.base import Runner, Target
 # to the host's CPU/GPU, so it is never saved; the portable graph is what we ship.
 OPTIMIZATION_LEVEL = "ORT_ENABLE_ALL"
 KV_BLOCK = 64  # the in-place cache grows by this many positions at a time
-LAST, EVERY = np.array([1], np.int64), np.array([0], np.int64)  # logits_to_keep
+LAST, EVERY = np.array([1], np.int64), np.array([0], np.int64)  # num_logits_to_keep
 
 
 def providers() -> list[str]:
@@ -181,6 +181,14 @@ class OnnxRuntimeTarget(Target):
                 **({"kv_cache_concat_reason": concat_reason} if concat_reason else {}),
                 "last_logits": all_logits_reason is None,
                 **({"last_logits_reason": all_logits_reason} if all_logits_reason else {}), "fusion": fusion.to_dict()}
+
+    def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
+        from gptkiln.ecosystem import copy_model_files
+        from gptkiln.ecosystem.onnxruntime_genai import CONFIG_FILE, write_genai_config
+
+        copied = copy_model_files(model_files, out_dir)
+        write_genai_config(out_dir, spec, settings)
+        return {"model_files": copied, "onnxruntime_genai": CONFIG_FILE}
 
     def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:
         self.check_available()

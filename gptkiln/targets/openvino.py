@@ -24,11 +24,12 @@ import numpy as np
 
 from gptkiln.config import BuildConfig, Precision, RuntimeSettings, Tolerances
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError, UsageError
+from gptkiln.ecosystem.openvino_genai import carry_runtime_options
 from gptkiln.exporter import io_spec
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 
-IR_FILE = "model.xml"  # weights in model.bin beside it
+IR_FILE = "openvino_model.xml"  # weights in openvino_model.bin beside it; the name openvino-genai and optimum read
 BEAM_INPUT = "beam_idx"
 
 
@@ -122,9 +123,15 @@ def stable_names(model) -> None:
     """OpenVINO names the nodes it makes `<Type>_<process-wide counter>` (and a folded constant keeps such a
     name), so a second build in one process would write a different IR; number them by position instead."""
     for index, op in enumerate(model.get_ordered_ops()):
-        generated = re.fullmatch(r"([A-Za-z][A-Za-z0-9]*)_\d+", op.get_friendly_name())
+        old = op.get_friendly_name()
+        generated = re.fullmatch(r"([A-Za-z][A-Za-z0-9]*)_\d+((?:\.\d+)*)", old)  # Convert_27143, Convert_27143.0
         if generated:
-            op.set_friendly_name(f"{generated.group(1)}_{index}")
+            new = f"{generated.group(1)}_{index}{generated.group(2)}"
+            op.set_friendly_name(new)
+            for output in op.outputs():  # a tensor named after its node (openvino-tokenizers' Parameters)
+                names = output.get_tensor().get_names()
+                if old in names:
+                    output.get_tensor().set_names(names - {old} | {new})
 
 
 @dataclass(frozen=True)
@@ -230,12 +237,24 @@ class OpenVinoTarget(Target):
                 raise ExportError(f"compile (openvino): conversion failed: {str(exc).splitlines()[0][:300]}",
                                   "report this with the model config") from exc
             stable_names(converted)
+            carry_runtime_options(converted, compile_config(self.runtime))
             ov.save_model(converted, str(out_dir / IR_FILE), compress_to_fp16=False)
         self.save_runtime_config(out_dir, compile_config(self.runtime))
         self.load(out_dir, spec)  # fail here, not on the user's device
         return {"model": IR_FILE, "stateful": self.stateful, "device": "CPU", "config": compile_config(self.runtime),
                 "openvino": ov.__version__, "fusion": fusion.to_dict(), "warnings": self.precision_warnings(ov),
                 "compressed_lookup_tables": compressed_tables}
+
+    def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
+        if not self.stateful:
+            return {}  # openvino-genai runs stateful IRs only
+        from gptkiln.ecosystem import copy_model_files
+        from gptkiln.ecosystem.openvino_genai import TOKENIZER_IR, write_tokenizer_irs
+
+        copied = copy_model_files(model_files, out_dir)
+        missing = write_tokenizer_irs(out_dir)
+        return {"model_files": copied, **({"openvino_genai_missing": missing} if missing else
+                                          {"openvino_genai": TOKENIZER_IR})}
 
     def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:
         ov = _import_openvino()

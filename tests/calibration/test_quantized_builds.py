@@ -72,7 +72,7 @@ def test_openvino_stores_the_lookup_tables_of_a_quantized_build_in_uint8(w8a8_bu
     _, output = w8a8_build
     settings = read_manifest(output)["targets"]["openvino"]["settings"]
     assert sorted(settings["compressed_lookup_tables"]) == ["transformer.wpe.weight", "transformer.wte.weight"]
-    tables = [op for op in ov.Core().read_model(str(output / "openvino" / "model.xml")).get_ops()
+    tables = [op for op in ov.Core().read_model(str(output / "openvino" / "openvino_model.xml")).get_ops()
               if op.get_type_name() == "Constant" and list(op.get_output_shape(0)) in ([4096, 192], [512, 192])]
     assert {op.get_output_element_type(0) for op in tables} <= {ov.Type.u8, ov.Type.i8}  # no f32 table is left
     assert any(op.get_output_element_type(0) == ov.Type.u8 for op in tables)
@@ -189,13 +189,13 @@ def test_weight_only_int8_on_openvino_keeps_float_activations_and_passes(tmp_pat
     openvino = manifest["targets"]["openvino"]
     assert openvino["settings"]["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
     assert abs(openvino["accuracy"]["ppl_increase_pct"]) <= 0.5
-    ir = ov.Core().read_model(str(output / "openvino" / "model.xml"))
+    ir = ov.Core().read_model(str(output / "openvino" / "openvino_model.xml"))
     int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
     assert len(int8) >= 17
 
 
 def test_int8_means_float_activations_on_openvino_unless_asked_otherwise(tmp_path):
-    from gptkiln.cli import export_config
+    from gptkiln.options import export_config
 
     def runtime(**values):
         return export_config({"model": "reference", "output": tmp_path / "x", "targets": ["openvino"],

@@ -1,0 +1,60 @@
+"""What a compression run is asked to do (no torch here: the command line reads these defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptkiln.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    steps: int = 0  # 0: no distillation
+    learning_rate: float = 1e-4
+    temperature: float = 2.0
+    batch: int = 4  # calibration windows per step
+    warmup: float = 0.1  # share of the steps the learning rate ramps up over
+    seed: int = 0
+    checkpoint_every: int = 50
+
+
+# The default budget: +25% perplexity against the original on the held-out text. Pruning trades quality for
+# size on purpose, so the gate's job is to refuse a broken model, not a smaller one; measured on SmolLM2 and
+# the reference model (benchmarks/RESULTS.md, "Pruning and distillation"), a quarter of the blocks removed
+# and distilled for a few hundred steps lands inside it, a third removed without distillation does not.
+DEFAULT_MAX_PPL_INCREASE = 25.0
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    model: str
+    output: Path
+    calibration: Path
+    prune_layers: int = 0  # whole blocks removed
+    prune_mlp: float = 0.0  # share of every block's MLP channels removed
+    prune_heads: int = 0  # whole KV groups removed from every block
+    calibration_samples: int = 64
+    calibration_seq_len: int = 128
+    calibration_seed: int = 0
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    eval_text: Path | None = None
+    eval_tokens: int = 8192
+    max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE
+    force: bool = False
+
+    def check(self, num_layers: int) -> None:
+        if not (self.prune_layers or self.prune_mlp or self.prune_heads):
+            raise UsageError("nothing to remove", "pass --prune-layers N, --prune-mlp RATIO or --prune-heads N")
+        if not 0 <= self.prune_layers < num_layers:
+            raise UsageError(f"--prune-layers must be 0 to {num_layers - 1} for this {num_layers}-block model, "
+                             f"got {self.prune_layers}", "pass a smaller count")
+        if not 0 <= self.prune_mlp < 1:
+            raise UsageError(f"--prune-mlp is the share of MLP channels removed, in [0, 1), got {self.prune_mlp}",
+                             "e.g. --prune-mlp 0.25")
+        if self.distill.steps < 0 or self.distill.learning_rate <= 0 or self.distill.temperature <= 0:
+            raise UsageError("--distill-steps must be >= 0, --learning-rate and --temperature > 0", "fix the values")
+        if self.max_ppl_increase <= 0:
+            raise UsageError("--max-ppl-increase must be > 0", "give a percentage, e.g. 25")
+
+

@@ -1,0 +1,137 @@
+"""gptkiln compress: pruning by measured importance, distillation from the original, the gate, and a standard
+checkpoint that transformers loads and gptkiln exports (the reference model and a tiny Llama, a few steps)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import gptkiln
+from gptkiln.cli import main
+from gptkiln.compression.distill import distill
+from gptkiln.compression.settings import DistillSettings
+from gptkiln.errors import ParityError
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def depth_pruned(tmp_path_factory, calibration_text):
+    """The reference model with its least influential block removed: pruned only, and distilled 20 steps."""
+    root = tmp_path_factory.mktemp("compress")
+    common = dict(calibration=calibration_text, prune_layers=1, calibration_samples=16, eval_tokens=4096,
+                  max_ppl_increase=100)
+    return (gptkiln.compress("reference", root / "pruned", **common),
+            gptkiln.compress("reference", root / "distilled", distill_steps=20, **common))
+
+
+def test_the_least_influential_block_goes_and_the_checkpoint_loads_in_transformers(depth_pruned):
+    from transformers import AutoModelForCausalLM
+
+    pruned, distilled = depth_pruned
+    influence = pruned.record["importance"]["block_influence"]
+    assert pruned.record["removed"]["blocks"] == [int(np.argmin(influence))]
+    model = AutoModelForCausalLM.from_pretrained(distilled.output)
+    assert model.config.num_hidden_layers == 3 and len(model.transformer.h) == 3
+    assert distilled.record["parameters"]["compressed"] == sum(p.numel() for p in model.parameters())
+    assert {"tokenizer.json", "generation_config.json", "compression.json", "distillation.png"} <= {
+        p.name for p in distilled.output.iterdir()}
+
+
+def test_distillation_recovers_what_pruning_lost(depth_pruned):
+    pruned, distilled = depth_pruned
+    run = distilled.record["distillation"]
+    assert run["steps"] == 20 and run["loss_last"] < run["loss_first"]
+    assert distilled.accuracy.ppl < pruned.accuracy.ppl
+    assert distilled.accuracy.top1_agreement > pruned.accuracy.top1_agreement
+    assert pruned.record["distillation"] is None
+
+
+def test_over_budget_nothing_is_written(calibration_text, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compress", "reference", "-o", tmp_path / "out", "--calibration", calibration_text,
+                           "--prune-layers", "2", "--calibration-samples", "16", "--eval-tokens", "4096",
+                           "--max-ppl-increase", "1")
+    assert code == 9 and "compression gate failed" in err and "limit +1%" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_width_pruned_checkpoint_exports_and_passes_the_fp32_gate(calibration_text, tmp_path, capsys):
+    compressed = gptkiln.compress("reference", tmp_path / "narrow", calibration=calibration_text, prune_mlp=0.25,
+                                  calibration_samples=16, eval_tokens=4096, max_ppl_increase=100)
+    assert compressed.record["removed"]["mlp_channels"] == {"per_block": 192, "of": 768}
+    config = json.loads((tmp_path / "narrow" / "config.json").read_text())
+    assert config["n_inner"] == 576
+    result = gptkiln.export(str(tmp_path / "narrow"), tmp_path / "out", targets=["onnxruntime"])
+    assert result.ok
+
+
+def test_whole_gqa_groups_go_and_the_model_still_exports(tiny_model_dir, calibration_text, tmp_path):
+    compressed = gptkiln.compress(str(tiny_model_dir("llama")), tmp_path / "small", calibration=calibration_text,
+                                  prune_heads=1, prune_mlp=0.5, calibration_samples=16, eval_tokens=4096,
+                                  max_ppl_increase=1000)
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 16)
+    assert config["intermediate_size"] == 64 and len(compressed.record["removed"]["kv_groups"]) == 2
+    assert gptkiln.export(str(tmp_path / "small"), tmp_path / "out", targets=["onnxruntime"]).ok
+
+
+def test_an_interrupted_distillation_resumes_where_it_stopped(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    teacher = GPT2LMHeadModel(config)
+    windows = np.random.default_rng(0).integers(0, 64, size=(8, 16))
+    settings = DistillSettings(steps=10, batch=2, checkpoint_every=3)
+    whole = GPT2LMHeadModel(config)
+    start = {k: v.clone() for k, v in whole.state_dict().items()}
+    expected = distill(teacher, whole, windows, settings, tmp_path / "uninterrupted")
+
+    student = GPT2LMHeadModel(config)
+    student.load_state_dict(start)
+    calls = {"n": 0}
+    forward = student.forward
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    student.forward = interrupting
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, student, windows, settings, tmp_path / "run")
+    resumed = GPT2LMHeadModel(config)
+    resumed.load_state_dict(start)
+    record = distill(teacher, resumed, windows, settings, tmp_path / "run")
+    assert record.resumed_at == 7 and np.allclose(record.losses, expected.losses)
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value)
+
+
+def test_bad_requests_are_refused_before_any_work(calibration_text, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "compress", "reference", "-o", out, "--calibration", calibration_text)
+    assert code == 2 and "nothing to remove" in err
+    code, _, err = run_cli(capsys, "compress", "reference", "-o", out, "--calibration", calibration_text,
+                           "--prune-heads", "1")
+    assert code == 2 and "head pruning knows Llama-layout attention" in err and "--prune-layers" in err
+    code, _, err = run_cli(capsys, "compress", "reference", "-o", out, "--calibration", calibration_text,
+                           "--prune-layers", "4")
+    assert code == 2 and "0 to 3" in err
+    assert not out.exists()
+
+
+def test_the_gate_error_carries_the_record(calibration_text, tmp_path):
+    with pytest.raises(ParityError) as info:
+        gptkiln.compress("reference", tmp_path / "out", calibration=calibration_text, prune_layers=3,
+                         calibration_samples=16, eval_tokens=4096, max_ppl_increase=5)
+    assert info.value.details["removed"]["blocks"] and info.value.details["gate"]["ppl_increase_pct"] > 5
