@@ -161,7 +161,8 @@ class _BuildState:
         self.progress, self.inputs = progress, inputs
 
     def stage(self, name: str, stage: str, key: str, produce) -> Entry:
-        with self.progress.stage(name):
+        timing = f"{stage}:{self.config.precision.value}:{self.plan.source['sha256']}"  # the estimate's key
+        with self.progress.stage(name, timing):
             return self.progress.cached_stage(name, self.cache.get_or_build(stage, key, produce, self.scratch / stage))
 
     @functools.cached_property

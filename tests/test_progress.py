@@ -37,3 +37,22 @@ def test_terminal_bar_redraws_one_line_and_ends_it(capsys):
 def test_nothing_when_progress_is_off(capsys):
     run_loop(Progress(enabled=False))
     assert capsys.readouterr().err == ""
+
+
+def test_a_long_stage_shows_its_time_left_from_the_last_run(capsys, monkeypatch, tmp_path):
+    import time
+
+    import gptkiln.progress as progress_module
+
+    monkeypatch.setenv("GPTKILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(progress_module, "TICK_SECONDS", 0.05)
+    progress = Progress(enabled=True)
+    progress.terminal = True
+    with progress.stage("export to ONNX", timing="export:abc"):
+        time.sleep(0.3)
+    first = capsys.readouterr().err
+    assert "export to ONNX: 0:00 elapsed" in first and "left" not in first  # no earlier run: elapsed only
+    with progress.stage("export to ONNX", timing="export:abc"):
+        time.sleep(0.3)
+    assert "about 0:00 left (it took 0:00 last time)" in capsys.readouterr().err
+    assert progress_module.read_timings()["export:abc"] > 0.2

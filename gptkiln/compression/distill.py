@@ -85,8 +85,8 @@ def distill(teacher, student, windows: np.ndarray, settings: DistillSettings, st
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
-            bar.step(f"loss {float(loss):.4f}")
+            losses.append(loss.item())
+            bar.step(f"loss {losses[-1]:.4f}")
             if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
                 save(step + 1)
     except KeyboardInterrupt:
