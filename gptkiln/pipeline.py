@@ -20,6 +20,7 @@ from gptkiln.cache import cache_root
 from gptkiln.calibration.build_inputs import QuantInputs, quantize_stage, read_quant_inputs
 from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation, accuracy_failures
 from gptkiln.config import AccuracyBudget, BuildConfig, ParitySettings, Precision, Tolerances
+from gptkiln.ecosystem import copy_model_files, save_model_files
 from gptkiln.errors import ArtifactError, ParityError, TargetUnavailableError
 from gptkiln.exporter import io_spec
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
@@ -140,8 +141,7 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
                     progress.say(f"    note: {target.name}: {outcome.settings['ecosystem']['openvino_genai_missing']}")
         result.stage_seconds, result.cached_stages = progress.seconds, progress.cached
         _raise_if_failed(result)
-        for file in (exported.path / MODEL_FILES_DIR).iterdir():
-            shutil.copy(file, work / file.name)
+        copy_model_files(exported.path / MODEL_FILES_DIR, work)
         shutil.rmtree(work / STAGES_DIR, ignore_errors=True)
         write_manifest(work, _manifest_body(config, result))
         publish(work, output, config.force)
@@ -183,7 +183,7 @@ class _BuildState:
         from gptkiln.exporter.to_onnx import export_onnx
 
         exported = export_onnx(self.loaded, directory, self.plan.opset)
-        save_model_files(self.loaded, directory / MODEL_FILES_DIR)
+        save_model_files(self.loaded.model, self.loaded.tokenizer, directory / MODEL_FILES_DIR)
         return {"export": {"opset": self.plan.opset, "nodes": exported.node_count, "op_counts": exported.op_counts},
                 "spec": self.loaded.spec.to_dict()}
 
@@ -225,15 +225,6 @@ class _BuildState:
                              self.config.quant.budget_for(self.config.precision))
             return TargetResult(target.name, settings, report, failures, accuracy).to_dict()
         return produce
-
-
-def save_model_files(loaded: LoadedModel, directory: Path) -> None:
-    """The tokenizer (with its chat template), the generation config (stop tokens, sampling defaults) and the
-    model config: what generation from an output reads, gptkiln's and the ecosystem's runtimes alike."""
-    loaded.tokenizer.save_pretrained(directory)
-    loaded.model.config.save_pretrained(directory)
-    if loaded.model.generation_config is not None:
-        loaded.model.generation_config.save_pretrained(directory)
 
 
 def up_to_date(output: Path, plan: BuildPlan) -> BuildResult | None:

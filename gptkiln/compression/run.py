@@ -24,6 +24,7 @@ from gptkiln.compression.distill import DistillRecord, distill, loss_curve
 from gptkiln.compression.settings import CompressSettings
 from gptkiln.compression.structure import check_head_groups, mlp_layout, prune_head_groups, prune_mlp, remove_blocks
 from gptkiln.config import CalibrationSettings
+from gptkiln.ecosystem import save_model_files
 from gptkiln.errors import ParityError
 from gptkiln.extras import require_export_stack
 from gptkiln.output_dir import check_output, make_work_dir, publish
@@ -71,7 +72,7 @@ def compress(settings: CompressSettings, progress: Progress = QUIET) -> Compress
     work = make_work_dir(output)
     try:
         with progress.stage("write the pruned checkpoint"):
-            _save(student, original, work)
+            _save(student, original.tokenizer, work)
             pruned = load_model(str(work))  # what transformers makes of it: the checkpoint we ship
         distilled = None
         if settings.distill.steps:
@@ -79,7 +80,7 @@ def compress(settings: CompressSettings, progress: Progress = QUIET) -> Compress
                 key = _run_key(original.source, settings, calibration.sha256)
                 distilled = distill(original.model, pruned.model, calibration.windows, settings.distill,
                                     cache_root() / "distill" / key, progress)
-                _save(pruned.model, original, work)
+                _save(pruned.model, original.tokenizer, work)
         with progress.stage("gate: the compressed model against the original"):
             accuracy = evaluation.measure(TorchRunner(pruned.model, pruned.spec), progress)
         record = _record(settings, original, pruned, removed, scores, calibration.source, distilled, accuracy,
@@ -125,11 +126,10 @@ def _pruned(original, settings: CompressSettings, scores: imp.Importance):
     return student, removed
 
 
-def _save(model, original, directory: Path) -> None:
+def _save(model, tokenizer, directory: Path) -> None:
+    """The weights, and beside them the model files every gptkiln output has."""
     model.save_pretrained(directory)
-    original.tokenizer.save_pretrained(directory)
-    if original.model.generation_config is not None:
-        original.model.generation_config.save_pretrained(directory)
+    save_model_files(model, tokenizer, directory)
 
 
 def _run_key(source: dict, settings: CompressSettings, calibration_sha256: str) -> str:

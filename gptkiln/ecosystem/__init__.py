@@ -1,7 +1,7 @@
 """Files that let each runtime's own generation stack load a target's directory as it is.
 
 A target's directory holds, beside its engine files, copies of the model files every output gets
-(tokenizer, chat template, generation and model config: `MODEL_FILES`), since onnxruntime-genai's
+(tokenizer, chat template, generation and model config: `save_model_files`), since onnxruntime-genai's
 `Model(dir)`, openvino-genai's `LLMPipeline(dir)` and optimum's `from_pretrained(dir)` read them from
 the engine's own directory; and what that stack needs on top (onnxruntime_genai.py, openvino_genai.py).
 """
@@ -11,13 +11,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-               "generation_config.json", "config.json")
+
+
+def save_model_files(model, tokenizer, directory: Path) -> None:
+    """The tokenizer (with its chat template), the generation config (stop tokens, sampling defaults) and the
+    model config: what generation from an output reads, gptkiln's and the ecosystem's runtimes alike."""
+    tokenizer.save_pretrained(directory)
+    model.config.save_pretrained(directory)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(directory)
 
 
 def copy_model_files(model_files: Path, out_dir: Path) -> list[str]:
-    """Copy the model files that exist in model_files into out_dir; return their names."""
-    copied = [name for name in MODEL_FILES if (model_files / name).is_file()]
+    """Copy every file save_model_files wrote into model_files to out_dir; return their names."""
+    copied = sorted(path.name for path in model_files.iterdir() if path.is_file())
     for name in copied:
         shutil.copy(model_files / name, out_dir / name)
     return copied

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gptkiln.exporter import io_spec
 from gptkiln.models.spec import DecoderSpec
-from gptkiln.runtime.text import TextCodec, generation_config
+from gptkiln.runtime.text import TextCodec
 
 CONFIG_FILE = "genai_config.json"
 SEARCH_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
@@ -24,7 +24,7 @@ SEARCH_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p":
 def write_genai_config(out_dir: Path, spec: DecoderSpec, settings: dict) -> dict:
     """Write genai_config.json into the target directory (which holds the model files); return it."""
     codec = TextCodec(out_dir)
-    generation = generation_config(out_dir)
+    generation = codec.generation
     eos = list(codec.eos_token_ids) or [codec.pad_token_id]
     bos = generation.get("bos_token_id")
     decoder = {

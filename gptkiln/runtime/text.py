@@ -45,7 +45,7 @@ class TextCodec:
         self.tokenizer = Tokenizer.from_file(str(path))
         config_path = directory / TOKENIZER_CONFIG
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        generation = generation_config(directory)
+        self.generation = generation = generation_config(directory)
         eos = self._token_id(config.get("eos_token"))
         self.eos_token_ids = tuple(dict.fromkeys(token_ids(generation.get("eos_token_id")) + token_ids(eos)))
         pad = self._token_id(config.get("pad_token"))
