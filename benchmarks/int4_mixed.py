@@ -11,25 +11,20 @@ attn_v and ffn_down at higher precision) against the tied lm_head alone.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import onnx_ir as ir
 
-from gptkiln.calibration.data import calibration_set, read_texts
 from gptkiln.calibration.layers import linear_bits, linear_layers, weight_bits
-from gptkiln.calibration.perplexity import EvalText, Evaluation
 from gptkiln.calibration.quantize import prepare
 from gptkiln.calibration.statistics import collect
 from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, quantize_weights
-from gptkiln.summary import text_table
-from gptkiln.config import CalibrationSettings
 from gptkiln.exporter.to_onnx import export_onnx
-from gptkiln.models.loading import load_model
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
+
+from checkpoint_study import report, study_inputs
 
 INT4, INT8 = WeightFormat(128, symmetric=False, bits=4), WeightFormat(32, symmetric=True, bits=8)
 ROLES = {"all int4": (), "lm_head int8": ("lm_head",), "v_proj + down_proj int8": ("v_proj", "down_proj"),
@@ -37,17 +32,8 @@ ROLES = {"all int4": (), "lm_head int8": ("lm_head",), "v_proj + down_proj int8"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--calibration", type=Path, required=True)
-    parser.add_argument("--eval-text", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int4_mixed.json")
-    args = parser.parse_args()
-    loaded = load_model(args.model)
+    args, loaded, evaluation, calibration = study_inputs(__doc__.splitlines()[0], "int4_mixed.json")
     spec = loaded.spec
-    evaluation = Evaluation.prepare(loaded, EvalText.read(args.eval_text), 8192)
-    settings = CalibrationSettings(path=args.calibration)
-    calibration = calibration_set(read_texts(args.calibration), loaded.tokenizer, settings, str(args.calibration))
     rows, records = [("variant", "int8 layers", "perplexity", "increase", "top-1", "bits/weight linear", "model",
                       "seconds")], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,9 +66,7 @@ def main() -> None:
                          f"{seconds:.0f}"))
             records[name] = {"int8_layers": sorted(chosen), "accuracy": accuracy.to_dict(), "bits_per_weight": bits}
             print(rows[-1], flush=True)
-    print(text_table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": loaded.source, "variants": records}, indent=1))
+    report(args, loaded, rows, records)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class AccuracyBudget:
 
     max_ppl_increase_pct: float
     min_top1_agreement: float
-    # padded row vs the same prompt alone: a batch row must not change another's tokens
+    # a batch row vs the same row alone (same padding): a batch row must not change another's tokens
     min_padded_top1_agreement: float = 0.99
 
     @classmethod

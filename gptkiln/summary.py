@@ -48,11 +48,11 @@ def _prepared_lines(target) -> str:
 
 
 def _quantized_rows(result, targets) -> list[tuple]:
-    rows = [("target", "precision", "perplexity fp32 -> ours", "increase", "top-1 vs fp32", "pad vs unpad top-1",
+    rows = [("target", "precision", "perplexity fp32 -> ours", "increase", "top-1 vs fp32", "batch row vs alone top-1",
              "result")]
     for target in targets:
         accuracy = target.accuracy
-        padded = min(c.top1_agreement for c in target.parity.comparisons if c.name.startswith("padded_vs"))
+        padded = min(c.top1_agreement for c in target.parity.comparisons if c.name.startswith("batch_vs_alone"))
         rows.append((target.name, result.precision.value, f"{accuracy.ppl_reference:.3f} -> {accuracy.ppl:.3f}",
                      f"{accuracy.ppl_increase_pct:+.2f}%", f"{accuracy.top1_agreement:.1%}", f"{padded:.1%}",
                      "PASS" if not target.failures else "FAIL"))

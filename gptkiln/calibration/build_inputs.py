@@ -37,6 +37,8 @@ def read_quant_inputs(config: BuildConfig) -> QuantInputs | None:
     if not config.precision.quantized:
         return None
     calibration = None
+    if config.precision is Precision.INT8_DYNAMIC and quant.calibration.path is not None:  # for SmoothQuant
+        calibration = read_texts(quant.calibration.path, quant.calibration.jsonl_field)
     if needs_calibration(config.precision, quant):
         if quant.calibration.path is None:
             what = "W8A8 (static activation scales)" if config.precision is Precision.W8A8 else "int4 with GPTQ"

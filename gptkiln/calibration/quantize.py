@@ -1,6 +1,7 @@
 """From the fp32 graph to a quantized graph that meets its accuracy budget.
 
-1. statistics from the calibration set (cached), SmoothQuant folded in for W8A8;
+1. statistics from the calibration set (cached), SmoothQuant folded in for W8A8 and for int8-dynamic
+   given calibration text (its per-token scales need none, its smoothing does);
 2. every linear layer quantized; the result scored (perplexity, top-1) against fp32 PyTorch;
 3. over budget, the mixed-precision fallback keeps the most sensitive groups (transformer blocks
    and the lm_head, from the DecoderSpec) at a backup precision until the budget holds or half the
@@ -93,14 +94,15 @@ class QuantResult:
                 "sensitivity": self.sensitivity, "bits_per_weight": self.bits_per_weight}
 
 
-def method_description(precision: Precision, settings: QuantSettings) -> dict:
+def method_description(precision: Precision, settings: QuantSettings, calibrated: bool = True) -> dict:
     if precision is Precision.W8A8:
         return {"weights": "int8 symmetric per output channel", "activations": "int8 symmetric per tensor",
                 "calibration": settings.activations.value,
                 **({"percentile": settings.percentile} if settings.activations is ActivationCalibration.PERCENTILE else {}),
                 "smoothquant_alpha": settings.smoothquant_alpha}
     if precision is Precision.INT8_DYNAMIC:
-        return {"weights": "int8 symmetric per output channel", "activations": "uint8 per tensor, at run time"}
+        return {"weights": "int8 symmetric per output channel", "activations": "int8 symmetric per token, at run time",
+                "smoothquant_alpha": settings.smoothquant_alpha if calibrated else None}
     if precision is Precision.INT8:
         return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows", "rounding": "rtn"}
     return {"weights": f"int4 {'symmetric' if settings.int4_symmetric else 'asymmetric'} "
@@ -136,14 +138,16 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     by_name = {layer.name: layer for layer in layers}
     names = sorted({layer.activation.name for layer in layers})
     groups = list(dict.fromkeys(layer.group(spec) for layer in layers))  # smoothing keeps names, so groups hold
-    if precision is Precision.W8A8:
+    if precision in (Precision.W8A8, Precision.INT8_DYNAMIC) and calibration is not None:
         stats = collect(prepared, names, calibration, spec, progress=progress)
         cached = stats.cached
         if settings.smoothquant_alpha is not None:
-            smoothing = smooth(model, layers, dict(stats.absmax), settings.smoothquant_alpha)
+            smoothing = smooth(model, layers, dict(stats.absmax), settings.smoothquant_alpha, spec)
             base = work / "smoothed" / MODEL_FILE
             base.parent.mkdir(parents=True)
             ir.save(model, base, external_data=DATA_FILE)
+            _check_function_kept(prepared, base, calibration, spec)
+    if precision is Precision.W8A8:
         if base != prepared or settings.activations is not ActivationCalibration.MINMAX:
             stats = collect(base, names, calibration, spec, progress=progress,
                             histograms=settings.activations is not ActivationCalibration.MINMAX)
@@ -153,7 +157,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         stats = collect(prepared, names, calibration, spec, hessians=True, progress=progress)
         hessians, cached = stats.hessians, stats.cached
     progress.say(f"    statistics: {'from the cache' if cached else 'collected'}" if calibration is not None else
-        "    no calibration needed")
+                 "    no calibration text: int8-dynamic without SmoothQuant" if precision is Precision.INT8_DYNAMIC else
+                 "    no calibration needed")
 
     trial_count = 0
     fmt = weight_format(precision, settings) if precision.weight_only else None
@@ -230,10 +235,36 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     for directory in work.glob("trial-*"):
         if directory != graph.path.parent:
             shutil.rmtree(directory)
-    return QuantResult(graph.path, precision, method_description(precision, settings), graph.quantized, graph.total,
-                       kept, backup, graph.not_quantizable, graph.narrowed, smoothing,
+    return QuantResult(graph.path, precision, method_description(precision, settings, calibration is not None),
+                       graph.quantized, graph.total, kept, backup, graph.not_quantizable, graph.narrowed, smoothing,
                        calibration.source if calibration else None, cached, trials, sensitivity,
                        graph.bits_per_weight)
+
+
+SMOOTHING_TOLERANCE = 1e-3  # of max |logit|: float rounding of the rescaled weights is ~1e-6
+
+
+def _check_function_kept(prepared: Path, smoothed: Path, calibration: CalibrationSet, spec: DecoderSpec) -> None:
+    """SmoothQuant must not change the fp32 function: its folds rely on the graph's structure, so compare
+    the logits of one calibration window before and after."""
+    import numpy as np
+
+    from gptkiln.errors import ExportError
+    from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
+
+    ids = calibration.windows[:1]
+    positions = np.arange(ids.shape[1])[None]
+
+    def logits(path: Path) -> np.ndarray:
+        runner = OnnxRuntimeRunner(spec, create_session(path))
+        return runner.step(ids, np.ones_like(ids), positions, runner.empty_cache(1))[0]
+
+    before, after = logits(prepared), logits(smoothed)
+    rel = float(np.abs(after - before).max() / max(np.abs(before).max(), 1e-12))
+    if not rel <= SMOOTHING_TOLERANCE:
+        raise ExportError(f"SmoothQuant changed the fp32 model's logits by {rel:.3g} of their scale "
+                          f"(limit {SMOOTHING_TOLERANCE:g}): a fold does not fit this graph",
+                          "build with --no-smoothquant, and report this with the model config")
 
 
 def _search_count(ranked: list[str], limit: int, attempt, passes) -> tuple:

@@ -1,10 +1,20 @@
 """SmoothQuant (Xiao et al. 2023): move activation outliers into the weights, per input channel.
 
 For an activation X that feeds only linear layers, s_j = max|X_j|^α / max|W_j,:|^(1-α);
-X is divided by s (folded into the LayerNormalization scale and bias, or the RMSNorm
-weight Mul, that produces X) and each consuming weight's row j multiplied by s. The fp32
-function is unchanged and the graph keeps its standard ops; X's range per channel evens
-out, so a per-tensor int8 scale wastes less of its range on a few channels.
+X is divided by s and each consuming weight's row j multiplied by s. The fp32 function is
+unchanged and the graph keeps its standard ops; X's range per channel evens out, so an int8
+scale wastes less of its range on a few channels. The division is folded into X's producer:
+
+- a normalization: the scale (and bias) of LayerNormalization or RMSNormalization, or the
+  constant of Mul(x, weight) (an RMSNorm written out), in front of q/k/v or gate/up;
+- a linear layer, through ops that are linear per channel of it:
+  - down_proj's input Mul(act(gate), up): up's output columns;
+  - o_proj's input, the attention's output: v_proj's output columns, through the attention's
+    reshapes, transposes, cache Concat and the repeat of K/V heads (Unsqueeze → Expand →
+    Reshape). With grouped-query attention one value channel feeds a channel of every query
+    head of its group, so those channels share one factor (the group's largest).
+Llama-family models keep their largest activations (hundreds of times the rest, on a few
+channels of a few tokens) at o_proj's and down_proj's inputs, which only the second kind reaches.
 """
 
 from __future__ import annotations
@@ -16,14 +26,18 @@ import onnx_ir as ir
 
 from gptkiln.calibration.layers import LinearLayer, replace_weight
 from gptkiln.graph.initializers import initializer
+from gptkiln.models.spec import DecoderSpec
 
 MIN_SCALE = 1e-5
+# ops between v_proj's output and the attention's output that move whole channels without mixing them
+_CHANNEL_MOVES = ("Reshape", "Transpose", "Unsqueeze", "Expand", "Concat")
 
 
 @dataclass
 class Smoothed:
     activation: str
     layers: list[str]
+    folded_into: str  # the op or linear layer that absorbed 1/s
     absmax_before: float  # per-tensor max |x|
     absmax_after: float
     outlier_ratio_before: float  # largest channel max over the median channel max
@@ -33,28 +47,57 @@ class Smoothed:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(self).items()}
 
 
-def smooth(model: ir.Model, layers: list[LinearLayer], absmax: dict[str, np.ndarray], alpha: float) -> list[Smoothed]:
-    """Apply SmoothQuant in place to every activation whose producer can absorb the scale."""
+@dataclass
+class _Fold:
+    """Where 1/s goes: a producer node's constant inputs, or a linear layer's output columns.
+    `channels` maps X's channels to the producer's (None: one to one)."""
+
+    name: str
+    node: ir.Node | None = None
+    indices: tuple[int, ...] = ()
+    layer: LinearLayer | None = None
+    bias: ir.Node | None = None  # Add(layer output, constant bias)
+    channels: np.ndarray | None = None
+
+
+def smooth(model: ir.Model, layers: list[LinearLayer], absmax: dict[str, np.ndarray], alpha: float,
+           spec: DecoderSpec | None = None) -> list[Smoothed]:
+    """Apply SmoothQuant in place to every activation whose producer can absorb the scale; with a `spec`
+    (its head counts) also through a v_proj into the attention's output."""
     consumers: dict[str, list[LinearLayer]] = {}
     for layer in layers:
         consumers.setdefault(layer.activation.name, []).append(layer)
-    report = []
+    by_output = {id(_output_of(layer)): layer for layer in layers}
+    folds = {}
     for name, group in consumers.items():
         activation = group[0].activation
-        if name not in absmax or not _only_feeds(activation, group):
-            continue
-        fold = _foldable_producer(activation)
-        if fold is None:
-            continue
+        if name in absmax and _only_feeds(activation, group):
+            fold = _normalization_fold(activation) or _mlp_fold(activation, by_output) or (
+                _attention_fold(activation, by_output, spec) if spec is not None else None)
+            if fold is not None:
+                folds[name] = fold
+    # normalizations first: a v_proj or up_proj is smoothed as a consumer (its rows) and as a producer (its columns)
+    order = sorted(folds, key=lambda n: folds[n].layer is not None)
+    report = []
+    for name in order:
+        group, fold = consumers[name], folds[name]
         x_max = np.maximum(absmax[name].astype(np.float64), MIN_SCALE)
         w_max = np.max([np.abs(layer.weight()).max(axis=1) for layer in group], axis=0)
-        scales = np.maximum(x_max**alpha / np.maximum(w_max, MIN_SCALE) ** (1 - alpha), MIN_SCALE)
-        for value_index in fold:
-            _divide_input(model, activation.producer(), value_index, scales)
+        if fold.channels is None:
+            scales = x_max**alpha / np.maximum(w_max, MIN_SCALE) ** (1 - alpha)
+        else:  # one factor per producer channel: the largest over the X channels it feeds
+            count = int(fold.channels.max()) + 1
+            x_source, w_source = np.zeros(count), np.zeros(count)
+            np.maximum.at(x_source, fold.channels, x_max)
+            np.maximum.at(w_source, fold.channels, w_max)
+            source = x_source**alpha / np.maximum(w_source, MIN_SCALE) ** (1 - alpha)
+            scales = source[fold.channels]
+        scales = np.maximum(scales, MIN_SCALE)
+        _divide_producer(model, fold, scales)
         for layer in group:
             replace_weight(model, layer, layer.weight() * scales[:, None].astype(np.float32))
         after = x_max / scales
-        report.append(Smoothed(name, [layer.name for layer in group], float(x_max.max()), float(after.max()),
+        report.append(Smoothed(name, [layer.name for layer in group], fold.name, float(x_max.max()), float(after.max()),
                                float(x_max.max() / np.median(x_max)), float(after.max() / np.median(after))))
         absmax[name] = after.astype(np.float32)
     return report
@@ -65,22 +108,106 @@ def _only_feeds(activation: ir.Value, group: list[LinearLayer]) -> bool:
     return all(id(node) in nodes and index == 0 for node, index in activation.uses()) and not activation.is_graph_output()
 
 
-def _foldable_producer(activation: ir.Value) -> list[int] | None:
-    """The producer's inputs that carry a per-channel factor of X, or None if it has none:
-    LayerNormalization's scale and bias, or the constant of Mul(x, weight) (RMSNorm's last op)."""
+def _standard(node: ir.Node | None) -> bool:
+    return node is not None and node.domain in ("", "ai.onnx")
+
+
+def _normalization_fold(activation: ir.Value) -> _Fold | None:
+    """LayerNormalization's scale and bias, RMSNormalization's scale, or the constant of Mul(x, weight)."""
     node = activation.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
+    if not _standard(node):
         return None
     channels = activation.shape[-1] if activation.shape is not None else None
-    if node.op_type == "LayerNormalization" and node.attributes.get_int("axis", -1) == -1:
-        indices = [i for i in (1, 2) if i < len(node.inputs) and node.inputs[i] is not None]
+    if node.op_type in ("LayerNormalization", "RMSNormalization") and node.attributes.get_int("axis", -1) == -1:
+        indices = tuple(i for i in (1, 2) if i < len(node.inputs) and node.inputs[i] is not None)
         if all(node.inputs[i].const_value is not None for i in indices):
-            return indices
+            return _Fold(node.op_type, node=node, indices=indices)
     if node.op_type == "Mul":
         for index, value in enumerate(node.inputs):
             if value.const_value is not None and value.const_value.shape == ir.Shape([channels]):
-                return [index]
+                return _Fold(node.op_type, node=node, indices=(index,))
     return None
+
+
+def _output_of(layer: LinearLayer) -> ir.Value:
+    return layer.node.outputs[0]
+
+
+def _linear_source(value: ir.Value, by_output: dict[int, LinearLayer]) -> _Fold | None:
+    """The linear layer that produces `value` (directly or through Add of a constant bias), read by nothing else."""
+    bias = None
+    node = value.producer()
+    if _standard(node) and node.op_type == "Add":
+        constant = [v for v in node.inputs if v.const_value is not None]
+        other = [v for v in node.inputs if v.const_value is None]
+        if len(constant) != 1 or len(other) != 1 or len(constant[0].shape) != 1:
+            return None
+        bias, value = node, other[0]
+    layer = by_output.get(id(value))
+    if layer is None or len(value.uses()) != 1 or value.is_graph_output():
+        return None
+    return _Fold(layer.name, layer=layer, bias=bias)
+
+
+def _mlp_fold(activation: ir.Value, by_output: dict[int, LinearLayer]) -> _Fold | None:
+    """down_proj's input Mul(act(gate), up): the factor goes into up's output columns."""
+    node = activation.producer()
+    if not _standard(node) or node.op_type != "Mul":
+        return None
+    for value in node.inputs:
+        if value.shape == activation.shape and len(value.uses()) == 1:
+            fold = _linear_source(value, by_output)
+            if fold is not None:
+                return fold
+    return None
+
+
+def _attention_fold(activation: ir.Value, by_output: dict[int, LinearLayer], spec: DecoderSpec) -> _Fold | None:
+    """o_proj's input: back through the merge of heads to an Attention's value input, and through the value's
+    reshapes, cache Concat and head repeat to the v_proj that produced it."""
+    heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    if activation.shape is None or activation.shape[-1] != heads * head_dim or heads % kv_heads:
+        return None
+    value = activation
+    while _standard(value.producer()) and value.producer().op_type in ("Reshape", "Transpose") \
+            and len(value.uses()) <= 1:
+        value = value.producer().inputs[0]
+    attention = value.producer()
+    if not _standard(attention) or attention.op_type != "Attention" or len(value.uses()) != 1 \
+            or attention.outputs[0] is not value or len(attention.inputs) > 4:  # no past inputs: the Concat below is it
+        return None
+    value = attention.inputs[2]
+    while _standard(value.producer()) and value.producer().op_type in _CHANNEL_MOVES:
+        node = value.producer()
+        if node.op_type == "Concat":  # Concat(past value, new value) along the sequence: the new part
+            fresh = [v for v in node.inputs if not v.is_graph_input()]
+            if len(fresh) != 1 or node.attributes.get_int("axis", 0) not in (2, -2):
+                return None
+            value = fresh[0]
+        else:
+            value = node.inputs[0]
+    fold = _linear_source(value, by_output)
+    if fold is None or fold.layer.weight().shape[1] != kv_heads * head_dim:
+        return None
+    # X channel h * head_dim + d reads value channel (h // group) * head_dim + d
+    group = heads // kv_heads
+    fold.channels = (np.arange(heads)[:, None] // group * head_dim + np.arange(head_dim)[None, :]).ravel()
+    return fold
+
+
+def _divide_producer(model: ir.Model, fold: _Fold, scales: np.ndarray) -> None:
+    if fold.layer is None:
+        for index in fold.indices:
+            _divide_input(model, fold.node, index, scales)
+        return
+    if fold.channels is not None:  # every X channel of one producer channel has the same factor
+        source = np.ones(int(fold.channels.max()) + 1)
+        source[fold.channels] = scales
+        scales = source
+    replace_weight(model, fold.layer, fold.layer.weight() / scales[None, :].astype(np.float32))
+    if fold.bias is not None:
+        index = next(i for i, v in enumerate(fold.bias.inputs) if v.const_value is not None)
+        _divide_input(model, fold.bias, index, scales)
 
 
 def _divide_input(model: ir.Model, node: ir.Node, index: int, scales: np.ndarray) -> None:

@@ -42,10 +42,11 @@ class Batch:
     position_ids: np.ndarray  # [batch, seq] int64, counting from each row's first real token
 
 
-def left_pad(prompts: list[list[int]], pad_token_id: int) -> Batch:
+def left_pad(prompts: list[list[int]], pad_token_id: int, width: int | None = None) -> Batch:
+    """The prompts left-padded to the longest one, or to `width` (at least that long)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("every prompt needs at least one token", "pass non-empty prompts")
-    width = max(len(p) for p in prompts)
+    width = max([len(p) for p in prompts] + [width or 0])
     input_ids = np.full((len(prompts), width), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(prompts), width), dtype=np.int64)
     for row, prompt in enumerate(prompts):

@@ -190,3 +190,87 @@ def test_fallback_search_keeps_the_fewest_groups_that_pass(needed, counts, kept)
     assert tried == counts and trials == counts and len(chosen) == kept
     if needed <= 15:
         assert (graph, trial) == (f"graph-{kept}", kept)
+
+
+def test_consistency_gate_catches_a_scale_shared_across_the_batch(tmp_path, prepared_reference):
+    """ONNX Runtime's own dynamic quantization (DynamicQuantizeLinear: one activation scale per tensor, so one per
+    batch) lets a row's tokens depend on the other rows; gptkiln's per-row form does not, to the last bit."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic as ort_quantize_dynamic
+
+    from gptkiln.calibration.qdq import quantize_dynamic
+    from gptkiln.config import ParitySettings
+    from gptkiln.parity import consistency_gate, parity_prompts, run_parity
+    from gptkiln.runtime.torch_runner import TorchRunner
+
+    path, loaded = prepared_reference
+    per_tensor = tmp_path / "per_tensor" / "model.onnx"
+    per_tensor.parent.mkdir()
+    ort_quantize_dynamic(path, per_tensor, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         use_external_data_format=True)
+    model = ir.load(path)
+    quantize_dynamic(model, linear_layers(model))
+    per_row = tmp_path / "per_row" / "model.onnx"
+    per_row.parent.mkdir()
+    ir.save(model, per_row, external_data=DATA_FILE)
+    reference, prompts = TorchRunner(loaded.model, loaded.spec), parity_prompts(loaded.tokenizer)
+    reports = {name: run_parity(OnnxRuntimeRunner(loaded.spec, create_session(graph)), reference, prompts,
+                                ParitySettings(decode_steps=8))
+               for name, graph in (("per tensor", per_tensor), ("per row", per_row))}
+    assert any("batch_vs_alone" in f for f in consistency_gate(reports["per tensor"], 0.99))
+    assert not consistency_gate(reports["per row"], 0.99)
+    assert all(c.max_abs == 0 for c in reports["per row"].comparisons if c.name.startswith("batch_vs_alone"))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # qwen2: q/k/v with biases
+def test_smoothquant_reaches_o_proj_and_down_proj_of_a_grouped_query_model(model_type, tiny_model_dir, tmp_path):
+    """Besides the norms in front of q/k/v and gate/up: down_proj through up_proj, and o_proj through v_proj
+    (2 query heads share a value head here), with the function unchanged."""
+    from gptkiln.calibration.quantize import prepare
+    from gptkiln.exporter.to_onnx import export_onnx
+
+    loaded = load_model(str(tiny_model_dir(model_type)))
+    exported = export_onnx(loaded, tmp_path / "export", opset=23).path
+    path = tmp_path / "prepared" / "model.onnx"
+    prepare(exported, path, loaded.spec)
+    calibration = calibration_set([" ".join(f"word{i % 97}" for i in range(4000))], loaded.tokenizer, SETTINGS, "t")
+    model = ir.load(path)
+    layers = linear_layers(model)
+    absmax = dict(collect(path, [layer.activation.name for layer in layers], calibration, loaded.spec).absmax)
+    report = smooth(model, layers, absmax, alpha=0.5, spec=loaded.spec)
+    def role(name: str) -> str:
+        return next((part for part in name.split(".") if part.endswith(("proj", "head"))), name)
+
+    folded = {(role(s.layers[0]), role(s.folded_into)) for s in report}
+    assert folded == {("q_proj", "RMSNormalization"), ("gate_proj", "RMSNormalization"),
+                      ("o_proj", "v_proj"), ("down_proj", "up_proj"), ("lm_head", "RMSNormalization")}, folded
+    assert len(report) == 4 * loaded.spec.num_layers + 1  # and the final norm in front of the lm_head
+    assert loaded.spec.num_heads == 2 * loaded.spec.num_kv_heads
+    smoothed = tmp_path / "smoothed.onnx"
+    ir.save(model, smoothed, external_data="smoothed.onnx.data")
+    ids = calibration.windows[:2]
+    before, after = logits(path, loaded.spec, ids), logits(smoothed, loaded.spec, ids)
+    assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
+    measured = collect(smoothed, [s.activation for s in report], calibration, loaded.spec)
+    for s in report:
+        assert measured.tensor_absmax(s.activation) == pytest.approx(s.absmax_after, rel=1e-3)
+
+
+def test_a_smoothed_graph_that_computes_something_else_is_refused(tmp_path, prepared_reference, calibration):
+    from gptkiln.calibration.quantize import _check_function_kept
+    from gptkiln.errors import ExportError
+
+    path, loaded = prepared_reference
+    model = ir.load(path)
+    layers = linear_layers(model)
+    absmax = dict(collect(path, [layer.activation.name for layer in layers], calibration, loaded.spec).absmax)
+    smooth(model, layers, absmax, alpha=0.5)
+    kept = tmp_path / "kept" / "model.onnx"
+    kept.parent.mkdir()
+    ir.save(model, kept, external_data=DATA_FILE)
+    _check_function_kept(path, kept, calibration, loaded.spec)
+    replace_weight(model, layers[1], layers[1].weight() * 1.5)  # a fold applied to one side only
+    wrong = tmp_path / "wrong" / "model.onnx"
+    wrong.parent.mkdir()
+    ir.save(model, wrong, external_data=DATA_FILE)
+    with pytest.raises(ExportError, match="SmoothQuant changed the fp32 model's logits"):
+        _check_function_kept(path, wrong, calibration, loaded.spec)
