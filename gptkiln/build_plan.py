@@ -73,12 +73,15 @@ def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
     if precision is Precision.W8A8:
         settings.update(activations=quant.activations.value, percentile=quant.percentile,
                         smoothquant_alpha=quant.smoothquant_alpha)
+    calibrated_dynamic = precision is Precision.INT8_DYNAMIC and quant.calibration.path is not None
+    if calibrated_dynamic:  # SmoothQuant from the calibration text
+        settings.update(smoothquant_alpha=quant.smoothquant_alpha)
     if precision is Precision.INT4:
         settings.update(method=quant.int4_method.value, block_size=quant.int4_block_size,
                         symmetric=quant.int4_symmetric, backup_block_size=quant.int8_block_size)  # the fallback's int8
     if precision is Precision.INT8:
         settings.update(block_size=quant.int8_block_size)
-    if precision is Precision.W8A8 or (precision is Precision.INT4 and quant.int4_method.value == "gptq"):
+    if precision is Precision.W8A8 or calibrated_dynamic or (precision is Precision.INT4 and quant.int4_method.calibrated):
         settings["calibration"] = asdict(quant.calibration)
     return settings
 

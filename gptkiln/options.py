@@ -74,7 +74,7 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
                        help="SmoothQuant migration strength in [0, 1] (W8A8; default %(default)s)")
     group.add_argument("--no-smoothquant", action="store_true", help="W8A8 without SmoothQuant")
     group.add_argument("--int4-method", choices=[m.value for m in Int4Method], default=defaults.int4_method.value,
-                       help="int4 rounding (gptq needs --calibration; default %(default)s)")
+                       help="int4 rounding (gptq and awq-gptq need --calibration; default %(default)s)")
     group.add_argument("--int4-block-size", type=int, default=defaults.int4_block_size,
                        help="input rows per int4 scale; a layer whose input size is not a multiple gets the largest "
                             "power of two that divides it (default %(default)s)")

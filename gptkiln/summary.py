@@ -63,6 +63,7 @@ def _quant_line(quantization: dict) -> str:
     kept = ", ".join(quantization.get("kept", quantization.get("kept_fp32", []))) or "none"  # kept_fp32: older
     kept_precision = quantization.get("kept_precision", "fp32")
     smoothed = len(quantization["smoothing"])
+    scaled = sum(1 for s in quantization.get("scaling", []) if s["alpha"] > 0)  # absent from earlier manifests
     method = quantization["method"]
     details = ", ".join(f"{k} {v}" for k, v in method.items())
     narrowed = Counter(quantization.get("narrowed_blocks", {}).values())  # absent from earlier builds' manifests
@@ -71,6 +72,7 @@ def _quant_line(quantization: dict) -> str:
                         if value is not None)
     return (f"{quantization['layers_quantized']}/{quantization['layers_total']} linear layers quantized "
             f"({details}); kept in {kept_precision}: {kept}" + (f"; SmoothQuant on {smoothed} activations" if smoothed else "")
+            + (f"; AWQ scales on {scaled} activations" if scaled else "")
             + "".join(f"; {n} layers in blocks of {block} (their input size)" for block, n in sorted(narrowed.items()))
             + bits_line)
 

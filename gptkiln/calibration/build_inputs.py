@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation
-from gptkiln.config import BuildConfig, Int4Method, Precision, QuantSettings
+from gptkiln.config import BuildConfig, Precision, QuantSettings
 from gptkiln.errors import UsageError
 from gptkiln.exporter.io_spec import MODEL_FILE
 from gptkiln.models.loading import LoadedModel
@@ -15,7 +15,7 @@ from gptkiln.progress import Progress
 
 
 def needs_calibration(precision: Precision, quant: QuantSettings) -> bool:
-    return precision is Precision.W8A8 or (precision is Precision.INT4 and quant.int4_method is Int4Method.GPTQ)
+    return precision is Precision.W8A8 or (precision is Precision.INT4 and quant.int4_method.calibrated)
 
 
 @dataclass
@@ -41,7 +41,8 @@ def read_quant_inputs(config: BuildConfig) -> QuantInputs | None:
         calibration = read_texts(quant.calibration.path, quant.calibration.jsonl_field)
     if needs_calibration(config.precision, quant):
         if quant.calibration.path is None:
-            what = "W8A8 (static activation scales)" if config.precision is Precision.W8A8 else "int4 with GPTQ"
+            what = ("W8A8 (static activation scales)" if config.precision is Precision.W8A8 else
+                    f"int4 with {quant.int4_method.value.upper()}")
             raise UsageError(f"{what} needs calibration text and none was given",
                              "pass --calibration PATH (a text file, a JSONL file or a directory of text files)"
                              + ("; or --int4-method rtn, which needs none" if config.precision is Precision.INT4 else "")

@@ -1,7 +1,8 @@
 """From the fp32 graph to a quantized graph that meets its accuracy budget.
 
 1. statistics from the calibration set (cached), SmoothQuant folded in for W8A8 and for int8-dynamic
-   given calibration text (its per-token scales need none, its smoothing does);
+   given calibration text (its per-token scales need none, its smoothing does), AWQ's channel scales
+   for int4 awq-gptq;
 2. every linear layer quantized; the result scored (perplexity, top-1) against fp32 PyTorch;
 3. over budget, the mixed-precision fallback keeps the most sensitive groups (transformer blocks
    and the lm_head, from the DecoderSpec) at a backup precision until the budget holds or half the
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from gptkiln.calibration.awq import Scaled, awq_scale
 from gptkiln.calibration.data import CalibrationSet
 from gptkiln.calibration.layers import linear_bits, linear_layers, weight_bits
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
@@ -70,6 +72,7 @@ class QuantResult:
     not_quantizable: list[str]  # layers the format cannot take (int4: input size not a multiple of 16)
     narrowed_blocks: dict[str, int]  # int4 layers given a smaller block than asked (their input size) -> that block
     smoothing: list[Smoothed] = field(default_factory=list)
+    scaling: list[Scaled] = field(default_factory=list)  # int4 awq-gptq: each activation's α and error
     calibration: dict | None = None
     statistics_cached: bool = False
     trials: list[Trial] = field(default_factory=list)
@@ -88,7 +91,7 @@ class QuantResult:
         return {"precision": self.precision.value, "method": self.method, "layers_quantized": self.layers_quantized,
                 "layers_total": self.layers_total, "kept": self.kept, "kept_precision": self.kept_precision,
                 "not_quantizable": self.not_quantizable, "narrowed_blocks": self.narrowed_blocks,
-                "smoothing": [s.to_dict() for s in self.smoothing],
+                "smoothing": [s.to_dict() for s in self.smoothing], "scaling": [s.to_dict() for s in self.scaling],
                 "calibration": self.calibration, "statistics_cached": self.statistics_cached,
                 "accuracy": self.accuracy.to_dict(), "trials": [t.to_dict() for t in self.trials],
                 "sensitivity": self.sensitivity, "bits_per_weight": self.bits_per_weight}
@@ -132,12 +135,10 @@ def prepare(exported: Path, prepared: Path, spec: DecoderSpec) -> None:
 def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSettings, spec: DecoderSpec,
              calibration: CalibrationSet | None, evaluate: Evaluator, budget: AccuracyBudget,
              progress: Progress = QUIET) -> QuantResult:
-    base, smoothing, thresholds, hessians, cached = prepared, [], {}, None, False
+    base, smoothing, scaling, thresholds, hessians, cached = prepared, [], [], {}, None, False
     model = ir.load(prepared)
     layers = linear_layers(model)
-    by_name = {layer.name: layer for layer in layers}
     names = sorted({layer.activation.name for layer in layers})
-    groups = list(dict.fromkeys(layer.group(spec) for layer in layers))  # smoothing keeps names, so groups hold
     if precision in (Precision.W8A8, Precision.INT8_DYNAMIC) and calibration is not None:
         stats = collect(prepared, names, calibration, spec, progress=progress)
         cached = stats.cached
@@ -153,14 +154,25 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
                             histograms=settings.activations is not ActivationCalibration.MINMAX)
             cached = cached and stats.cached
         thresholds = {n: activation_threshold(stats, n, settings.activations, settings.percentile) for n in names}
-    elif precision is Precision.INT4 and settings.int4_method is Int4Method.GPTQ:
+    elif precision is Precision.INT4 and settings.int4_method.calibrated:
         stats = collect(prepared, names, calibration, spec, hessians=True, progress=progress)
-        hessians, cached = stats.hessians, stats.cached
+        hessians, cached = dict(stats.hessians), stats.cached
+        if settings.int4_method is Int4Method.AWQ_GPTQ:
+            scaling = awq_scale(model, layers, hessians, weight_format(precision, settings), spec, progress)
+            base = work / "scaled" / MODEL_FILE
+            base.parent.mkdir(parents=True)
+            ir.save(model, base, external_data=DATA_FILE)
+            _check_function_kept(prepared, base, calibration, spec)
     progress.say(f"    statistics: {'from the cache' if cached else 'collected'}" if calibration is not None else
                  "    no calibration text: int8-dynamic without SmoothQuant" if precision is Precision.INT8_DYNAMIC else
                  "    no calibration needed")
 
+    # the layers as every trial sees them: a tied lm_head smoothed or scaled reads its own copy ("….T")
+    layers = linear_layers(ir.load(base)) if base != prepared else layers
+    by_name = {layer.name: layer for layer in layers}
+    groups = list(dict.fromkeys(layer.group(spec) for layer in layers))
     trial_count = 0
+    rounded = {}  # weight-only: each layer's codes per format, computed once over the trials
     fmt = weight_format(precision, settings) if precision.weight_only else None
     backup = "int8" if precision is Precision.INT4 else "fp32"
 
@@ -181,7 +193,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
             int8 = weight_format(Precision.INT8, settings)
             done = quantize_weights(model, chosen, fmt, hessians, {layer.name: int8 for layer in in_kept}
-                                    if backup == "int8" else None, progress if trial_count == 1 else QUIET)
+                                    if backup == "int8" else None, progress if trial_count == 1 else QUIET, rounded)
             not_quantizable, narrowed, errors = done.skipped, done.narrowed, done.errors
         path = work / f"trial-{trial_count}" / MODEL_FILE
         path.parent.mkdir(parents=True)
@@ -237,7 +249,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
             shutil.rmtree(directory)
     return QuantResult(graph.path, precision, method_description(precision, settings, calibration is not None),
                        graph.quantized, graph.total, kept, backup, graph.not_quantizable, graph.narrowed, smoothing,
-                       calibration.source if calibration else None, cached, trials, sensitivity,
+                       scaling, calibration.source if calibration else None, cached, trials, sensitivity,
                        graph.bits_per_weight)
 
 

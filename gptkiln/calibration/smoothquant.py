@@ -60,46 +60,65 @@ class _Fold:
     channels: np.ndarray | None = None
 
 
-def smooth(model: ir.Model, layers: list[LinearLayer], absmax: dict[str, np.ndarray], alpha: float,
-           spec: DecoderSpec | None = None) -> list[Smoothed]:
-    """Apply SmoothQuant in place to every activation whose producer can absorb the scale; with a `spec`
-    (its head counts) also through a v_proj into the attention's output."""
+@dataclass
+class FoldSite:
+    """An activation whose channels can be rescaled: X / s absorbed by `fold`, s by the consumers' rows."""
+
+    activation: str
+    layers: list[LinearLayer]  # the linear layers that read X
+    fold: _Fold
+
+    def shared(self, per_channel: np.ndarray) -> np.ndarray:
+        """Per-channel values made valid factors: where one producer channel feeds several X channels (GQA),
+        each gets the largest of them."""
+        if self.fold.channels is None:
+            return per_channel
+        source = np.zeros(int(self.fold.channels.max()) + 1)
+        np.maximum.at(source, self.fold.channels, per_channel)
+        return source[self.fold.channels]
+
+
+def fold_sites(layers: list[LinearLayer], measured, spec: DecoderSpec | None = None) -> list[FoldSite]:
+    """Every activation in `measured` (the names with statistics) that only linear layers read and whose producer can absorb a
+    per-channel factor; normalizations first (a v_proj or up_proj is rescaled as a consumer, its rows, and as a
+    producer, its columns). With a `spec` (its head counts) also through a v_proj into the attention's output."""
     consumers: dict[str, list[LinearLayer]] = {}
     for layer in layers:
         consumers.setdefault(layer.activation.name, []).append(layer)
     by_output = {id(_output_of(layer)): layer for layer in layers}
-    folds = {}
+    sites = []
     for name, group in consumers.items():
         activation = group[0].activation
-        if name in absmax and _only_feeds(activation, group):
+        if name in measured and _only_feeds(activation, group):
             fold = _normalization_fold(activation) or _mlp_fold(activation, by_output) or (
                 _attention_fold(activation, by_output, spec) if spec is not None else None)
             if fold is not None:
-                folds[name] = fold
-    # normalizations first: a v_proj or up_proj is smoothed as a consumer (its rows) and as a producer (its columns)
-    order = sorted(folds, key=lambda n: folds[n].layer is not None)
+                sites.append(FoldSite(name, group, fold))
+    return sorted(sites, key=lambda site: site.fold.layer is not None)
+
+
+def apply_scales(model: ir.Model, site: FoldSite, scales: np.ndarray) -> None:
+    """X / s into the producer, s into each consumer's rows: the fp32 function is unchanged."""
+    _divide_producer(model, site.fold, scales)
+    for layer in site.layers:
+        replace_weight(model, layer, layer.weight() * scales[:, None].astype(np.float32))
+
+
+def smooth(model: ir.Model, layers: list[LinearLayer], absmax: dict[str, np.ndarray], alpha: float,
+           spec: DecoderSpec | None = None) -> list[Smoothed]:
+    """Apply SmoothQuant in place to every activation whose producer can absorb the scale (fold_sites)."""
     report = []
-    for name in order:
-        group, fold = consumers[name], folds[name]
-        x_max = np.maximum(absmax[name].astype(np.float64), MIN_SCALE)
-        w_max = np.max([np.abs(layer.weight()).max(axis=1) for layer in group], axis=0)
-        if fold.channels is None:
-            scales = x_max**alpha / np.maximum(w_max, MIN_SCALE) ** (1 - alpha)
-        else:  # one factor per producer channel: the largest over the X channels it feeds
-            count = int(fold.channels.max()) + 1
-            x_source, w_source = np.zeros(count), np.zeros(count)
-            np.maximum.at(x_source, fold.channels, x_max)
-            np.maximum.at(w_source, fold.channels, w_max)
-            source = x_source**alpha / np.maximum(w_source, MIN_SCALE) ** (1 - alpha)
-            scales = source[fold.channels]
-        scales = np.maximum(scales, MIN_SCALE)
-        _divide_producer(model, fold, scales)
-        for layer in group:
-            replace_weight(model, layer, layer.weight() * scales[:, None].astype(np.float32))
+    for site in fold_sites(layers, absmax, spec):
+        x_max = np.maximum(absmax[site.activation].astype(np.float64), MIN_SCALE)
+        w_max = np.max([np.abs(layer.weight()).max(axis=1) for layer in site.layers], axis=0)
+        x_shared, w_shared = site.shared(x_max), site.shared(w_max)
+        scales = np.maximum(x_shared**alpha / np.maximum(w_shared, MIN_SCALE) ** (1 - alpha), MIN_SCALE)
+        apply_scales(model, site, scales)
         after = x_max / scales
-        report.append(Smoothed(name, [layer.name for layer in group], fold.name, float(x_max.max()), float(after.max()),
-                               float(x_max.max() / np.median(x_max)), float(after.max() / np.median(after))))
-        absmax[name] = after.astype(np.float32)
+        report.append(Smoothed(site.activation, [layer.name for layer in site.layers], site.fold.name,
+                               float(x_max.max()), float(after.max()), float(x_max.max() / np.median(x_max)),
+                               float(after.max() / np.median(after))))
+        absmax[site.activation] = after.astype(np.float32)
     return report
 
 

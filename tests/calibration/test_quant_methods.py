@@ -274,3 +274,46 @@ def test_a_smoothed_graph_that_computes_something_else_is_refused(tmp_path, prep
     ir.save(model, wrong, external_data=DATA_FILE)
     with pytest.raises(ExportError, match="SmoothQuant changed the fp32 model's logits"):
         _check_function_kept(path, wrong, calibration, loaded.spec)
+
+
+def test_int4_range_search_rounds_each_column_no_worse_than_the_full_range():
+    from gptkiln.calibration.weight_only import WeightFormat
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((128, 64))
+    rows[3, ::4] = 9.0  # an outlier weight in every fourth column
+    for symmetric in (False, True):
+        fmt = WeightFormat(128, symmetric, bits=4)
+        full, searched = fmt._params(rows, 1.0), fmt.params(rows)
+        assert np.all(fmt._error(rows, *searched) <= fmt._error(rows, *full))
+        assert np.any(searched[0] < full[0])  # some ranges shrank
+    int8 = WeightFormat(32, True, bits=8)
+    np.testing.assert_array_equal(int8.params(rows[:32])[0], int8._params(rows[:32], 1.0)[0])  # int8 keeps its range
+
+
+def test_awq_keeps_the_function_lowers_each_sites_error_and_updates_its_hessians(tmp_path, tiny_model_dir):
+    from gptkiln.calibration.awq import awq_scale
+    from gptkiln.calibration.quantize import prepare
+    from gptkiln.exporter.to_onnx import export_onnx
+
+    loaded = load_model(str(tiny_model_dir("llama")))
+    path = tmp_path / "prepared" / "model.onnx"
+    prepare(export_onnx(loaded, tmp_path / "export", opset=23).path, path, loaded.spec)
+    calibration = calibration_set([" ".join(f"word{i % 89}" for i in range(4000))], loaded.tokenizer, SETTINGS, "t")
+    model = ir.load(path)
+    layers = linear_layers(model)
+    names = [layer.activation.name for layer in layers]
+    hessians = dict(collect(path, names, calibration, loaded.spec, hessians=True).hessians)
+    report = awq_scale(model, layers, hessians, WeightFormat(16, symmetric=False, bits=4), loaded.spec)
+    assert len(report) == 4 * loaded.spec.num_layers + 1 and any(s.alpha > 0 for s in report)
+    assert all(s.error_after <= s.error_before for s in report)
+    scaled = tmp_path / "scaled" / "model.onnx"
+    scaled.parent.mkdir()
+    ir.save(model, scaled, external_data=DATA_FILE)
+    ids = calibration.windows[:2]
+    before, after = logits(path, loaded.spec, ids), logits(scaled, loaded.spec, ids)
+    assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
+    measured = collect(scaled, names, calibration, loaded.spec, hessians=True).hessians
+    for s in report:  # H / (s sᵀ) is the scaled activation's Hessian
+        np.testing.assert_allclose(hessians[s.activation], measured[s.activation],
+                                   rtol=1e-3, atol=1e-6 * np.abs(measured[s.activation]).max())

@@ -139,6 +139,8 @@ def test_weight_int4_and_dynamic_int8_pass(tmp_path, calibration_text, precision
         assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 21
         blocked = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
         assert len(blocked) == 17 and all(any(a.name == "block_size" for a in n.attribute) for n in blocked)
+        assert result.quantization["method"]["rounding"] == "awq-gptq"  # the default
+        assert len(result.quantization["scaling"]) == 8  # ln_1 and ln_2 of 4 blocks: every fold GPT-2 has
     else:
         assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) == 17
         assert len(result.quantization["smoothing"]) == 8  # given calibration text, int8-dynamic smooths too
@@ -154,7 +156,7 @@ def test_refusals_before_any_work(tmp_path, capsys, calibration_text):
     code, err = run_cli(capsys, "export", "reference", "-o", out, "--quantize", "w8a8")
     assert code == 2 and "needs calibration text" in err and "never calibrates on random tokens" in err
     code, err = run_cli(capsys, "export", "reference", "-o", out, "--quantize", "int4")  # GPTQ by default
-    assert code == 2 and "int4 with GPTQ needs calibration text" in err and "--int4-method rtn" in err
+    assert code == 2 and "int4 with AWQ-GPTQ needs calibration text" in err and "--int4-method rtn" in err
     code, err = run_cli(capsys, "export", "reference", "-o", out, "--quantize", "int8-dynamic", "--target", "openvino")
     assert code == 2 and "cannot run int8-dynamic" in err
     (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 4)
@@ -212,7 +214,7 @@ def test_int4_fallback_keeps_the_most_sensitive_blocks_in_int8(tmp_path):
     costs in bits."""
     import onnx_ir as ir
 
-    budget = replace(AccuracyBudget.default(Precision.INT4), max_ppl_increase_pct=0.55)  # all int4: +1.07%
+    budget = replace(AccuracyBudget.default(Precision.INT4), max_ppl_increase_pct=0.7)  # all int4: +1.35%
     config = BuildConfig(model="reference", output=tmp_path / "out", precision=Precision.INT4,
                          quant=replace(QuantSettings(), int4_method=Int4Method.RTN, budget=budget))
     result = build(config)
@@ -220,7 +222,7 @@ def test_int4_fallback_keeps_the_most_sensitive_blocks_in_int8(tmp_path):
     quantization = result.quantization
     kept, trials = quantization["kept"], quantization["trials"]
     assert quantization["kept_precision"] == "int8" and 1 <= len(kept) <= 2
-    assert trials[0]["accuracy"]["ppl_increase_pct"] > 0.55 >= trials[-1]["accuracy"]["ppl_increase_pct"]
+    assert trials[0]["accuracy"]["ppl_increase_pct"] > 0.7 >= trials[-1]["accuracy"]["ppl_increase_pct"]
     assert trials[-1]["kept"] == kept and len(trials) <= 4  # 1, 2 (, then bisected): no per-group evaluation
     sensitivity = quantization["sensitivity"]
     assert set(sensitivity) == {"block 0", "block 1", "block 2", "block 3", "transformer.wte.weight"}
