@@ -79,9 +79,10 @@ class FoldSite:
 
 
 def fold_sites(layers: list[LinearLayer], measured, spec: DecoderSpec | None = None) -> list[FoldSite]:
-    """Every activation in `measured` (the names with statistics) that only linear layers read and whose producer can absorb a
-    per-channel factor; normalizations first (a v_proj or up_proj is rescaled as a consumer, its rows, and as a
-    producer, its columns). With a `spec` (its head counts) also through a v_proj into the attention's output."""
+    """Every activation in `measured` (the names with statistics) that only linear layers read and whose
+    producer can absorb a per-channel factor; normalizations first (a v_proj or up_proj is rescaled as a
+    consumer, its rows, and as a producer, its columns). With a `spec` (its head counts) also through a
+    v_proj into the attention's output."""
     consumers: dict[str, list[LinearLayer]] = {}
     for layer in layers:
         consumers.setdefault(layer.activation.name, []).append(layer)
