@@ -81,7 +81,8 @@ def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
                         symmetric=quant.int4_symmetric, backup_block_size=quant.int8_block_size)  # the fallback's int8
     if precision is Precision.INT8:
         settings.update(block_size=quant.int8_block_size)
-    if precision is Precision.W8A8 or calibrated_dynamic or (precision is Precision.INT4 and quant.int4_method.calibrated):
+    calibrated_int4 = precision is Precision.INT4 and quant.int4_method.calibrated
+    if precision is Precision.W8A8 or calibrated_dynamic or calibrated_int4:
         settings["calibration"] = asdict(quant.calibration)
     return settings
 
