@@ -35,3 +35,10 @@ def report(args, loaded, rows: list[tuple], variants) -> None:
     print(text_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": loaded.source, "variants": variants}, indent=1))
+
+
+def in_roles(layer, spec, roles) -> bool:
+    """The layer plays one of `roles` in every block ("v_proj", "down_proj", ...; "lm_head": the layer outside
+    the blocks)."""
+    return (("lm_head" in roles and spec.block_of(layer.name) is None)
+            or any(f".{role}." in layer.name for role in roles if role != "lm_head"))

@@ -24,7 +24,7 @@ from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, quantize_we
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
 
-from checkpoint_study import report, study_inputs
+from checkpoint_study import in_roles, report, study_inputs
 
 INT4, INT8 = WeightFormat(128, symmetric=False, bits=4), WeightFormat(32, symmetric=True, bits=8)
 ROLES = {"all int4": (), "lm_head int8": ("lm_head",), "v_proj + down_proj int8": ("v_proj", "down_proj"),
@@ -49,9 +49,7 @@ def main() -> None:
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
             weights, _ = weight_bits(model)
             every = linear_layers(model)
-            chosen = {layer.name: INT8 for layer in every
-                      if ("lm_head" in roles and spec.block_of(layer.name) is None)
-                      or any(f".{role}." in layer.name for role in roles if role != "lm_head")}
+            chosen = {layer.name: INT8 for layer in every if in_roles(layer, spec, roles)}
             quantize_weights(model, every, INT4, hessians, chosen)
             path = work / name.replace(" ", "_") / "model.onnx"
             path.parent.mkdir()

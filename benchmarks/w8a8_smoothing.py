@@ -27,17 +27,13 @@ from gptkiln.config import ActivationCalibration
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
 
-from checkpoint_study import report, study_inputs
+from checkpoint_study import in_roles, report, study_inputs
 
 DYNAMIC, MINMAX, PERCENTILE = "int8-dynamic", ActivationCalibration.MINMAX, ActivationCalibration.PERCENTILE
 # (form, SmoothQuant α or None, layer roles kept in fp32)
 VARIANTS = [(DYNAMIC, None, ()), (DYNAMIC, 0.5, ()), (DYNAMIC, 0.6, ()), (DYNAMIC, 0.7, ()),
             (DYNAMIC, 0.6, ("lm_head",)), (DYNAMIC, 0.6, ("down_proj",)), (DYNAMIC, 0.6, ("lm_head", "down_proj")),
             (PERCENTILE, 0.5, ()), (MINMAX, 0.5, ()), (MINMAX, 0.9, ())]
-
-
-def kept(layer, spec, roles) -> bool:
-    return ("lm_head" in roles and spec.block_of(layer.name) is None) or any(f".{r}." in layer.name for r in roles)
 
 
 def main() -> None:
@@ -59,7 +55,7 @@ def main() -> None:
             base.parent.mkdir()
             ir.save(model, base, external_data="model.onnx.data")
             model = ir.load(base)
-            chosen = [layer for layer in linear_layers(model) if not kept(layer, spec, roles)]
+            chosen = [layer for layer in linear_layers(model) if not in_roles(layer, spec, roles)]
             if form == DYNAMIC:
                 quantize_dynamic(model, chosen)
             else:
