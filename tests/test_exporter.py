@@ -79,7 +79,8 @@ def test_prefill_with_empty_past_and_decode_with_batch_8(reference_build):
 
 def test_every_weight_is_named_after_the_parameter_it_came_from(tiny_model_dir, tmp_path):
     """No `val_N` weights: the same tensor as a parameter takes its name, a transposed copy the name + '.T'.
-    The quantization fallback's groups then follow the model's blocks (the DecoderSpec), plus the lm_head."""
+    The quantization fallback's groups then follow the layer roles across the blocks (the DecoderSpec), plus the
+    lm_head."""
     import onnx_ir as ir
 
     from gptkiln.calibration.layers import linear_layers
@@ -96,5 +97,7 @@ def test_every_weight_is_named_after_the_parameter_it_came_from(tiny_model_dir, 
         source = name.removesuffix(".T")
         assert source in parameters, name
         np.testing.assert_array_equal(array, parameters[source].T if name.endswith(".T") else parameters[source])
-    groups = {layer.group(loaded.spec) for layer in linear_layers(graph)}
-    assert groups == {"block 0", "block 1", "lm_head.weight.T"}
+    roles = {layer.role(loaded.spec) for layer in linear_layers(graph)}
+    assert roles == {f"model.layers.*.{name}.weight" for name in ("self_attn.q_proj", "self_attn.k_proj",
+                     "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")} | {
+                     "lm_head.weight"}

@@ -22,6 +22,7 @@ def test_the_reference_engine_takes_the_in_place_form(reference_build, runners):
     result, _ = reference_build
     settings = next(t for t in result.targets if t.name == "onnxruntime").settings
     assert settings["kv_cache"] == "in-place" and settings["last_logits"] is True
+    assert settings["quantized_lookup_tables"] == []  # fp32 weights: the tables stay exact
     assert isinstance(runners[0], InPlaceRunner)
 
 

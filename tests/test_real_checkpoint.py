@@ -26,7 +26,7 @@ def test_smollm2_gguf_passes_the_fp32_gate_on_every_cpu_target(smollm2_build, sm
         assert not [f for f in target.settings["fusion"]["fusions"] if f["short"]], target.name
 
 
-def test_smollm2_weights_keep_their_names_and_group_by_block(smollm2_build):
+def test_smollm2_weights_keep_their_names_and_group_by_role(smollm2_build):
     import onnx_ir as ir
 
     from gptkiln.calibration.layers import linear_layers
@@ -34,8 +34,10 @@ def test_smollm2_weights_keep_their_names_and_group_by_block(smollm2_build):
     result, output = smollm2_build
     graph = ir.load(output / "onnxruntime" / "model.onnx")
     assert not [n for n, v in graph.graph.initializers.items() if n.startswith("val_") and v.const_value.size >= 64]
-    groups = {layer.group(result.spec) for layer in linear_layers(graph)}
-    assert len(groups) == 31 and "block 29" in groups  # 30 blocks and the (tied) lm_head
+    layers = linear_layers(graph)
+    roles = {layer.role(result.spec) for layer in layers}  # 7 linear layers of every block, and the (tied) lm_head
+    assert len(roles) == 8 and "model.layers.*.mlp.down_proj.weight" in roles
+    assert {result.spec.block_of(layer.name) for layer in layers} == {*range(30), None}
 
 
 @pytest.fixture(scope="module")

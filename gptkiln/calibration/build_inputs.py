@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation
+from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation, Probe
 from gptkiln.config import BuildConfig, Precision, QuantSettings
 from gptkiln.errors import UsageError
 from gptkiln.exporter.io_spec import MODEL_FILE
@@ -68,5 +68,12 @@ def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config:
     def evaluate(path: Path) -> AccuracyReport:  # trials run on ONNX Runtime CPU; every target is gated itself
         return evaluation.measure(OnnxRuntimeRunner(loaded.spec, create_session(path)), progress)
 
+    probe = None
+
+    def diverge(path: Path) -> float:  # the fallback's ranking, on the evaluation's first windows
+        nonlocal probe
+        probe = probe or Probe.prepare(loaded, evaluation.windows)
+        return probe.divergence(OnnxRuntimeRunner(loaded.spec, create_session(path)))
+
     return quantize(prepared, directory, config.precision, quant, loaded.spec, calibration, evaluate,
-                    quant.budget_for(config.precision), progress)
+                    quant.budget_for(config.precision), progress, diverge)

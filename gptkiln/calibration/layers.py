@@ -1,6 +1,7 @@
 """The layers quantization works on: MatMuls with a constant weight, found in the ONNX graph
-(so every family is covered the same way), grouped by transformer block (the DecoderSpec's
-`blocks_path`, over the parameter names the exporter restored) for the mixed-precision fallback.
+(so every family is covered the same way), grouped by role (the same layer in every transformer
+block: the DecoderSpec's `blocks_path`, over the parameter names the exporter restored) for the
+mixed-precision fallback.
 """
 
 from __future__ import annotations
@@ -25,10 +26,15 @@ class LinearLayer:
     def name(self) -> str:
         return self.weight_name
 
-    def group(self, spec: DecoderSpec) -> str:
-        """'block N' for a transformer block's layers, else the weight's own name (e.g. the lm_head)."""
-        block = spec.block_of(self.weight_name)
-        return f"block {block}" if block is not None else self.weight_name
+    def role(self, spec: DecoderSpec) -> str:
+        """The parameter's name with its block's index as '*' ('model.layers.*.mlp.down_proj.weight': that layer
+        in every block); outside the blocks (the lm_head), its own name. A transposed copy ('….T') names its
+        parameter."""
+        name = self.weight_name.removesuffix(".T")
+        block = spec.block_of(name)
+        if block is None:
+            return name
+        return f"{spec.blocks_path}.*.{name[len(f'{spec.blocks_path}.{block}.'):]}"
 
     def weight(self) -> np.ndarray:
         """[K, N] float32, as the MatMul sees it."""

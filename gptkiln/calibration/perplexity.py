@@ -72,15 +72,23 @@ def eval_windows(tokenizer, text: EvalText, max_tokens: int) -> np.ndarray:
     return stream[: count * WINDOW].reshape(count, WINDOW)
 
 
+def _logits(runner: Runner, ids: np.ndarray) -> np.ndarray:
+    """[batch, WINDOW, vocab] float64: each window's prefill from an empty cache."""
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+    return runner.step(ids, np.ones_like(ids), positions, runner.empty_cache(len(ids)))[0].astype(np.float64)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
 def score(runner: Runner, windows: np.ndarray, progress: Progress = QUIET) -> Scores:
     nll_sum, count, top1 = 0.0, 0, []
     bar = progress.bar(-(-len(windows) // BATCH), "perplexity", "batches")
     for start in range(0, len(windows), BATCH):
         ids = windows[start : start + BATCH]
-        batch, length = ids.shape
-        positions = np.broadcast_to(np.arange(length), ids.shape).copy()
-        logits, _ = runner.step(ids, np.ones_like(ids), positions, runner.empty_cache(batch))
-        logits = logits[:, :-1].astype(np.float64)
+        logits = _logits(runner, ids)[:, :-1]
         log_norm = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
         nll_sum += float((log_norm - target).sum())
@@ -113,6 +121,27 @@ class Evaluation:
 
     def measure(self, runner: Runner, progress: Progress = QUIET) -> AccuracyReport:
         return compare(score(runner, self.windows, progress), self.reference, self.text)
+
+
+@dataclass
+class Probe:
+    """A cheap score of how far a quantized graph moves the model, for ranking the fallback's layer groups: the
+    mean KL divergence (nats per token) of its next-token distributions from the fp32 model's, over one batch of
+    windows (a full evaluation scores many)."""
+
+    windows: np.ndarray  # [BATCH, WINDOW]
+    reference: np.ndarray  # [BATCH, WINDOW, vocab] fp32 log-probabilities, float32
+
+    @classmethod
+    def prepare(cls, loaded, windows: np.ndarray) -> "Probe":
+        from gptkiln.runtime.torch_runner import TorchRunner
+
+        windows = windows[:BATCH]
+        return cls(windows, _log_softmax(_logits(TorchRunner(loaded.model, loaded.spec), windows)).astype(np.float32))
+
+    def divergence(self, runner: Runner) -> float:
+        ours = _log_softmax(_logits(runner, self.windows))
+        return float((np.exp(self.reference) * (self.reference - ours)).sum(-1).mean())
 
 
 def accuracy_failures(report: AccuracyReport, budget: AccuracyBudget) -> list[str]:

@@ -4,15 +4,14 @@
    given calibration text (its per-token scales need none, its smoothing does), AWQ's channel scales
    for int4 awq-gptq;
 2. every linear layer quantized; the result scored (perplexity, top-1) against fp32 PyTorch;
-3. over budget, the mixed-precision fallback keeps the most sensitive groups (transformer blocks
-   and the lm_head, from the DecoderSpec) at a backup precision until the budget holds or half the
-   groups are kept:
-   - weight-only (int4, int8): the backup is int8 for int4 (fp32 for int8); sensitivity comes from
-     the first trial at no extra cost (each layer's rounding error on its output, Hessian-weighted
-     where GPTQ collected Hessians); the number of kept groups is searched 1, 2, 4, ... and then
-     halved back, so a 31-group model takes a handful of evaluations;
-   - W8A8, int8-dynamic: the backup is fp32, and each group's sensitivity is measured (the score
-     with that group alone left in fp32), then groups are kept one more at a time.
+3. over budget, the mixed-precision fallback keeps the most sensitive groups at a backup precision (weight-only
+   int8, activations in float; fp32 for int8 itself) until the budget holds or half the groups are kept. A group is a layer role: the
+   same linear layer in every transformer block (`model.layers.*.mlp.down_proj.weight`), or one outside the
+   blocks (the lm_head); 8 for a Llama. Measured on SmolLM2, rounding error sits in roles across the blocks,
+   not in a few blocks. Each group's sensitivity is how much leaving it alone at the backup precision brings
+   the model's next-token distributions back to fp32's (a Probe: one batch of windows, a fraction of an
+   evaluation); the number of groups kept is searched 1, 2, 4, ... and then bisected, each count scored by
+   a full evaluation.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from gptkiln.models.spec import DecoderSpec
 from gptkiln.progress import QUIET, Progress
 
 Evaluator = Callable[[Path], AccuracyReport]
+Divergence = Callable[[Path], float]  # a graph -> its Probe divergence from fp32
 
 
 @dataclass
@@ -57,7 +57,6 @@ class QuantizedGraph:  # one trial's graph
     not_quantizable: list[str]
     narrowed: dict[str, int]
     bits_per_weight: dict[str, float | None]
-    errors: dict[str, float] = field(default_factory=dict)  # weight-only: layer -> relative output error
 
 
 @dataclass
@@ -68,7 +67,7 @@ class QuantResult:
     layers_quantized: int
     layers_total: int
     kept: list[str]  # groups the fallback kept at kept_precision
-    kept_precision: str  # "int8" (an int4 build's backup) or "fp32"
+    kept_precision: str  # "int8" (weight-only: the backup of int4, W8A8 and int8-dynamic builds) or "fp32" (int8's)
     not_quantizable: list[str]  # layers the format cannot take (int4: input size not a multiple of 16)
     narrowed_blocks: dict[str, int]  # int4 layers given a smaller block than asked (their input size) -> that block
     smoothing: list[Smoothed] = field(default_factory=list)
@@ -76,8 +75,7 @@ class QuantResult:
     calibration: dict | None = None
     statistics_cached: bool = False
     trials: list[Trial] = field(default_factory=list)
-    # group -> weight-only: summed relative output error of its layers' rounding; W8A8 / int8-dynamic: perplexity
-    # increase (%) with it alone in fp32
+    # group -> the Probe divergence from fp32 (nats per token) that keeping it alone at kept_precision removes
     sensitivity: dict[str, float] = field(default_factory=dict)
     # stored bits (codes, scales, zero points; fp32 weights at 32) over the fp32 model's weights: "model" over every
     # weight tensor (embeddings included, a tied table once), "linear_layers" over the linear layers (weight-only)
@@ -134,7 +132,8 @@ def prepare(exported: Path, prepared: Path, spec: DecoderSpec) -> None:
 
 def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSettings, spec: DecoderSpec,
              calibration: CalibrationSet | None, evaluate: Evaluator, budget: AccuracyBudget,
-             progress: Progress = QUIET) -> QuantResult:
+             progress: Progress = QUIET, diverge: Divergence | None = None) -> QuantResult:
+    """`diverge` ranks the fallback's groups; without it (the benchmarks' fixed builds) there is no fallback."""
     base, smoothing, scaling, thresholds, hessians, cached = prepared, [], [], {}, None, False
     model = ir.load(prepared)
     layers = linear_layers(model)
@@ -169,12 +168,12 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
 
     # the layers as every trial sees them: a tied lm_head smoothed or scaled reads its own copy ("….T")
     layers = linear_layers(ir.load(base)) if base != prepared else layers
-    by_name = {layer.name: layer for layer in layers}
-    groups = list(dict.fromkeys(layer.group(spec) for layer in layers))
+    groups = list(dict.fromkeys(layer.role(spec) for layer in layers))
     trial_count = 0
     rounded = {}  # weight-only: each layer's codes per format, computed once over the trials
     fmt = weight_format(precision, settings) if precision.weight_only else None
-    backup = "int8" if precision is Precision.INT4 else "fp32"
+    int8 = weight_format(Precision.INT8, settings)  # the backup, weight-only: activations stay float
+    backup = "fp32" if precision is Precision.INT8 else "int8"
 
     def build(kept: set[str]) -> QuantizedGraph:
         nonlocal trial_count
@@ -182,27 +181,27 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         model = ir.load(base)
         weights, _ = weight_bits(model)
         every = linear_layers(model)
-        in_kept = [layer for layer in every if layer.group(spec) in kept]
-        chosen = every if backup == "int8" else [layer for layer in every if layer.group(spec) not in kept]
-        not_quantizable, narrowed, errors = [], {}, {}
+        in_kept = [layer for layer in every if layer.role(spec) in kept]
+        rest = [layer for layer in every if layer.role(spec) not in kept]
         if precision is Precision.W8A8:
-            quantize_w8a8(model, chosen, thresholds)
+            quantize_w8a8(model, rest, thresholds)
         elif precision is Precision.INT8_DYNAMIC:
-            quantize_dynamic(model, chosen)
-        else:
+            quantize_dynamic(model, rest)
+        weight_only = (rest if precision.weight_only else []) + (in_kept if backup == "int8" else [])
+        not_quantizable, narrowed = [], {}
+        if weight_only:
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
-            int8 = weight_format(Precision.INT8, settings)
-            done = quantize_weights(model, chosen, fmt, hessians, {layer.name: int8 for layer in in_kept}
-                                    if backup == "int8" else None, progress if trial_count == 1 else QUIET, rounded)
-            not_quantizable, narrowed, errors = done.skipped, done.narrowed, done.errors
+            done = quantize_weights(model, weight_only, fmt or int8, hessians, {layer.name: int8 for layer in in_kept},
+                                    progress if trial_count == 1 else QUIET, rounded)
+            not_quantizable, narrowed = done.skipped, done.narrowed
         path = work / f"trial-{trial_count}" / MODEL_FILE
         path.parent.mkdir(parents=True)
         ir.save(model, path, external_data=DATA_FILE)
         linear = [linear_bits(layer) for layer in every] if precision.weight_only else []
         bits = {"model": round(weight_bits(model)[1] / weights, 3),
                 "linear_layers": round(sum(b for _, b in linear) / sum(n for n, _ in linear), 3) if linear else None}
-        quantized = sum(1 for layer in chosen if layer.name not in not_quantizable and layer.group(spec) not in kept)
-        return QuantizedGraph(path, quantized, len(every), not_quantizable, narrowed, bits, errors)
+        quantized = sum(1 for layer in rest if layer.name not in not_quantizable)
+        return QuantizedGraph(path, quantized, len(every), not_quantizable, narrowed, bits)
 
     def attempt(kept: list[str]) -> tuple[QuantizedGraph, Trial]:
         graph = build(set(kept))
@@ -218,32 +217,20 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
 
     graph, trial = attempt([])
     trials, kept, sensitivity = [trial], [], {}
-    if not passes(trial) and settings.fallback and precision.weight_only and len(groups) >= 2:
-        sensitivity = dict.fromkeys(groups, 0.0)
-        for layer, error in graph.errors.items():
-            sensitivity[by_name[layer].group(spec)] += error
-        ranked = sorted(groups, key=sensitivity.get, reverse=True)
-        progress.say(f"    over budget: keeping the groups whose rounding moves their outputs most in {backup} "
-            f"(most sensitive: {', '.join(ranked[:3])})")
-        graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes)
-        trials += [t for t in tried if t is not trial] + [trial]  # the kept graph's trial last: it is the result
-        sensitivity = {g: round(e, 6) for g, e in sensitivity.items()}
-    elif not passes(trial) and settings.fallback:
-        progress.say(f"    over budget: measuring the sensitivity of {len(groups)} layer groups")
+    if not passes(trial) and settings.fallback and diverge is not None and len(groups) >= 2:
+        progress.say(f"    over budget: ranking {len(groups)} layer groups by how much {backup} gives back")
+        everything = diverge(graph.path)
         bar = progress.bar(len(groups), "sensitivity", "groups")
-        measured = {}
         for group in groups:
-            measured[group] = attempt([group])
+            probed = build({group})
+            sensitivity[group] = round(everything - diverge(probed.path), 8)
+            shutil.rmtree(probed.path.parent)
             bar.step()
         bar.close()
-        ranked = sorted(groups, key=lambda g: measured[g][1].accuracy.ppl)
-        for count in range(1, len(groups) // 2 + 1):
-            kept = ranked[:count]
-            graph, trial = measured[kept[0]] if count == 1 else attempt(kept)
-            trials.append(trial)
-            if passes(trial):
-                break
-        sensitivity = {g: round(s[1].accuracy.ppl_increase_pct, 4) for g, s in measured.items()}
+        ranked = sorted(groups, key=sensitivity.get, reverse=True)
+        progress.say(f"    most sensitive: {', '.join(ranked[:3])}")
+        graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes)
+        trials += [t for t in tried if t is not trial] + [trial]  # the kept graph's trial last: it is the result
     for directory in work.glob("trial-*"):
         if directory != graph.path.parent:
             shutil.rmtree(directory)

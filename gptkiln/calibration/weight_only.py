@@ -134,21 +134,10 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.n
     return (codes - np.repeat(zeros, repeat, axis=0)) * np.repeat(scales, repeat, axis=0)
 
 
-def output_error(weight: np.ndarray, approximation: np.ndarray, hessian: np.ndarray | None) -> float:
-    """How much of a layer's output the rounding moves: sum ||x(W - Ŵ)||² / sum ||xW||² over the calibration
-    activations x (H = sum x xᵀ); without them, the same over the weights alone."""
-    delta = (weight - approximation).astype(np.float64)
-    if hessian is None:
-        return float((delta ** 2).sum() / max((weight.astype(np.float64) ** 2).sum(), 1e-30))
-    h = hessian.astype(np.float64)
-    return float((delta * (h @ delta)).sum() / max((weight * (h @ weight)).sum(), 1e-30))
-
-
 @dataclass
 class WeightOnlyResult:
     skipped: list[str]  # left in fp32: input size not a multiple of MIN_BLOCK
     narrowed: dict[str, int]  # given a smaller block than requested (their input size) -> that block
-    errors: dict[str, float]  # layer -> relative output error of its rounding (output_error)
 
 
 def quantize_weights(model: ir.Model, layers: list[LinearLayer], requested: WeightFormat,
@@ -159,7 +148,7 @@ def quantize_weights(model: ir.Model, layers: list[LinearLayer], requested: Weig
     gives some layers another format than `requested` (the mixed-precision fallback's int8 backup). `done`
     keeps each layer's codes by (layer, format) for the next call on the same weights (the fallback's trials
     differ only in which layers take the backup)."""
-    result = WeightOnlyResult([], {}, {})
+    result = WeightOnlyResult([], {})
     bar = progress.bar(len(layers), "GPTQ" if hessians is not None else "rounding", "layers")
     for layer in layers:
         bar.step()
@@ -181,7 +170,6 @@ def quantize_weights(model: ir.Model, layers: list[LinearLayer], requested: Weig
             codes, scales, zeros = quantize_rtn(weight, fmt)
         if done is not None:
             done[key] = codes, scales, zeros
-        result.errors[layer.name] = output_error(weight, dequantize(codes, scales, zeros), hessian)
         code_type = fmt.code_type
         inputs = [initializer(model, f"{layer.name}.int{fmt.bits}", codes.astype(code_type)),
                   initializer(model, f"{layer.name}.scale", scales.astype(np.float32))]

@@ -161,12 +161,14 @@ class OnnxRuntimeTarget(Target):
         from gptkiln.graph import optimize
         from gptkiln.graph.kv_buffer import share_kv_buffers
         from gptkiln.graph.last_logits import keep_last_logits
+        from gptkiln.graph.lookup_tables import quantize_lookup_tables
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
         concat_reason = share_kv_buffers(model, spec)
         kv_cache = "concat" if concat_reason else "in-place"
         all_logits_reason = keep_last_logits(model)
+        tables = quantize_lookup_tables(model)
         out_dir.mkdir(parents=True, exist_ok=True)
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
         self.save_runtime_config(out_dir, {"intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache})
@@ -179,7 +181,7 @@ class OnnxRuntimeTarget(Target):
                 "providers": providers(), "onnxruntime": ort.__version__,
                 "intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache,
                 **({"kv_cache_concat_reason": concat_reason} if concat_reason else {}),
-                "last_logits": all_logits_reason is None,
+                "last_logits": all_logits_reason is None, "quantized_lookup_tables": tables,
                 **({"last_logits_reason": all_logits_reason} if all_logits_reason else {}), "fusion": fusion.to_dict()}
 
     def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
