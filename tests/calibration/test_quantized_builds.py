@@ -210,14 +210,14 @@ def test_weight_only_int8_on_openvino_keeps_float_activations_and_passes(tmp_pat
     assert len(int8) >= 17
 
 
-def test_int8_means_float_activations_on_openvino_unless_asked_otherwise(tmp_path):
+def test_integer_weights_mean_float_activations_on_openvino_unless_asked_otherwise(tmp_path):
     from gptkiln.options import export_config
 
     def runtime(**values):
         return export_config({"model": "reference", "output": tmp_path / "x", "targets": ["openvino"],
                               **values}).runtime_for("openvino").dynamic_quantization_group
 
-    assert runtime(quantize="int8") == 0 and runtime(quantize="int4") is None
+    assert runtime(quantize="int8") == 0 and runtime(quantize="int4") == 0 and runtime() is None
     assert runtime(quantize="int8", dynamic_quantization_group=32) == 32
 
 
