@@ -178,7 +178,7 @@ class BuildConfig:
     def runtime_for(self, target: str) -> RuntimeSettings:
         """A target's runtime settings. Integer weights mean float activations (the fallback's int8 backup
         included): OpenVINO's run-time int8 activations are off unless asked for. On SmolLM2 int4 they made a
-        batch row differ from itself alone (95.65% of tokens) for no speed measured (`benchmarks/RESULTS.md`)."""
+        batch row differ from itself alone (95.65% of tokens) and gained no measurable speed (`benchmarks/RESULTS.md`)."""
         runtime = self.runtime_overrides.get(target, self.runtime)
         if self.precision.quantized and runtime.dynamic_quantization_group is None:
             runtime = replace(runtime, dynamic_quantization_group=0)

@@ -88,12 +88,11 @@ def score(runner: Runner, windows: np.ndarray, progress: Progress = QUIET) -> Sc
     bar = progress.bar(-(-len(windows) // BATCH), "perplexity", "batches")
     for start in range(0, len(windows), BATCH):
         ids = windows[start : start + BATCH]
-        logits = _logits(runner, ids)[:, :-1]
-        log_norm = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
-        nll_sum += float((log_norm - target).sum())
+        log_probs = _log_softmax(_logits(runner, ids)[:, :-1])
+        target = np.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
+        nll_sum -= float(target.sum())
         count += target.size
-        top1.append(logits.argmax(-1))
+        top1.append(log_probs.argmax(-1))
         bar.step()
     bar.close()
     return Scores(nll_sum / count, np.concatenate(top1))

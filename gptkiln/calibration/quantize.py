@@ -5,13 +5,13 @@
    for int4 awq-gptq;
 2. every linear layer quantized; the result scored (perplexity, top-1) against fp32 PyTorch;
 3. over budget, the mixed-precision fallback keeps the most sensitive groups at a backup precision (weight-only
-   int8, activations in float; fp32 for int8 itself) until the budget holds or half the groups are kept. A
-   group is a layer role: the same linear layer in every transformer block (`model.layers.*.mlp.down_proj
-   .weight`), or one outside the blocks (the lm_head); 8 for a Llama. Measured on SmolLM2, rounding error sits in roles across the blocks,
-   not in a few blocks. Each group's sensitivity is how much leaving it alone at the backup precision brings
-   the model's next-token distributions back to fp32's (a Probe: one batch of windows, a fraction of an
-   evaluation); the number of groups kept is searched 1, 2, 4, ... and then bisected, each count scored by
-   a full evaluation.
+   int8, activations in float; fp32 for int8 itself) until the budget holds or half the groups are kept.
+   A group is a layer role: the same linear layer in every transformer block
+   (`model.layers.*.mlp.down_proj.weight`), or one outside the blocks (the lm_head); 8 for a Llama.
+   Measured on SmolLM2, rounding error sits in roles across the blocks, not in a few blocks. Each group's
+   sensitivity is how much leaving it alone at the backup precision brings the model's next-token
+   distributions back to fp32's (a Probe: one batch of windows, a fraction of an evaluation); the number
+   of groups kept is searched 1, 2, 4, ... and then bisected, each count scored by a full evaluation.
 """
 
 from __future__ import annotations
