@@ -123,12 +123,14 @@ def build(file: str | Path, *, jobs: int | None = None, cache: bool = True, dry_
 
 
 def compress(model: str, output: str | Path, *, calibration: str | Path, prune_layers: int = 0, prune_mlp: float = 0.0,
-             prune_heads: int = 0, distill_steps: int = 0, learning_rate: float | None = None,
+             prune_heads: int = 0, sparsity: str | None = None, sparsity_score: str | None = None,
+             distill_steps: int = 0, learning_rate: float | None = None,
              temperature: float | None = None, distill_batch: int | None = None, seed: int = 0,
              calibration_samples: int | None = None, calibration_seq_len: int | None = None,
              eval_text: str | Path | None = None, eval_tokens: int | None = None,
              max_ppl_increase: float | None = None, force: bool = False, progress: bool = False):
-    """Prune `model` by importance measured on `calibration`, distil it for `distill_steps`, gate it against the
+    """Prune `model` by importance measured on `calibration` (blocks, MLP channels, KV groups, and/or 2:4
+    sparsity: `sparsity="2:4"`), distil it for `distill_steps`, gate it against the
     original and write a standard checkpoint into `output` (`gptkiln export` takes it); return the
     CompressResult (raises ParityError over the budget; nothing is written then). None: the default."""
     from dataclasses import fields
@@ -145,7 +147,8 @@ def compress(model: str, output: str | Path, *, calibration: str | Path, prune_l
                                       temperature=temperature, batch=distill_batch, seed=seed))
     settings = CompressSettings(model=model, output=Path(output), calibration=Path(calibration), distill=distill,
                                 **given(CompressSettings, prune_layers=prune_layers, prune_mlp=prune_mlp,
-                                        prune_heads=prune_heads, calibration_samples=calibration_samples,
+                                        prune_heads=prune_heads, sparsity=sparsity, sparsity_score=sparsity_score,
+                                        calibration_samples=calibration_samples,
                                         calibration_seq_len=calibration_seq_len, calibration_seed=seed,
                                         eval_text=Path(eval_text) if eval_text else None, eval_tokens=eval_tokens,
                                         max_ppl_increase=max_ppl_increase, force=force))

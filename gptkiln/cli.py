@@ -126,7 +126,8 @@ def _add_bench_arguments(bench: argparse.ArgumentParser) -> None:
 
 
 def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
-    from gptkiln.compression.settings import DEFAULT_MAX_PPL_INCREASE, CompressSettings, DistillSettings
+    from gptkiln.compression.settings import (DEFAULT_MAX_PPL_INCREASE, SPARSITY_PATTERNS, SPARSITY_SCORES,
+                                              CompressSettings, DistillSettings)
 
     defaults, distill = CompressSettings(model="", output=Path(), calibration=Path()), DistillSettings()
     parser.add_argument("model", help="anything `gptkiln export` takes")
@@ -137,6 +138,11 @@ def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune-mlp", type=float, default=0.0, help="share of every block's MLP channels to remove")
     parser.add_argument("--prune-heads", type=int, default=0,
                         help="whole KV groups (a KV head and its query heads) to remove from every block")
+    parser.add_argument("--sparsity", choices=SPARSITY_PATTERNS,
+                        help="semi-structured sparsity of every linear layer in the blocks (TensorRT runs 2:4 on "
+                             "sparse tensor cores; CPU targets run it dense)")
+    parser.add_argument("--sparsity-score", choices=SPARSITY_SCORES, default=defaults.sparsity_score,
+                        help="which 2 of 4 weights stay: wanda (|weight| x input norm) or magnitude (default %(default)s)")
     parser.add_argument("--distill-steps", type=int, default=distill.steps, help="default %(default)s: no distillation")
     parser.add_argument("--learning-rate", type=float, default=distill.learning_rate, help="default %(default)s")
     parser.add_argument("--temperature", type=float, default=distill.temperature, help="default %(default)s")
@@ -208,7 +214,8 @@ def _run(args):
 
 def _compress(args):
     result = api.compress(args.model, args.output, calibration=args.calibration, prune_layers=args.prune_layers,
-                          prune_mlp=args.prune_mlp, prune_heads=args.prune_heads, distill_steps=args.distill_steps,
+                          prune_mlp=args.prune_mlp, prune_heads=args.prune_heads, sparsity=args.sparsity,
+                          sparsity_score=args.sparsity_score, distill_steps=args.distill_steps,
                           learning_rate=args.learning_rate, temperature=args.temperature, distill_batch=args.distill_batch,
                           seed=args.seed, calibration_samples=args.calibration_samples,
                           calibration_seq_len=args.calibration_seq_len, eval_text=args.eval_text,

@@ -102,12 +102,16 @@ def compress_summary(result) -> str:
     parts = [f"blocks {removed['blocks']}" if removed["blocks"] else None,
              f"{removed['mlp_channels']['per_block']} of {removed['mlp_channels']['of']} MLP channels per block"
              if "mlp_channels" in removed else None,
-             f"KV groups {removed['kv_groups']}" if "kv_groups" in removed else None]
+             f"KV groups {removed['kv_groups']}" if "kv_groups" in removed else None,
+             f"{removed['sparsity']['pattern']} sparsity ({removed['sparsity']['score']}): "
+             f"{removed['sparsity']['zeroed'] / 1e6:.2f}M weights zeroed in {removed['sparsity']['layers']} layers "
+             "(sparse on TensorRT, dense on CPU targets)" if "sparsity" in removed else None]
     before, after = record["parameters"]["original"], record["parameters"]["compressed"]
     gate = record["gate"]
     lines = [f"output     {result.output}",
              f"removed    {'; '.join(p for p in parts if p)}",
-             f"parameters {before / 1e6:.2f}M -> {after / 1e6:.2f}M ({100 * (after / before - 1):+.1f}%)"]
+             f"parameters {before / 1e6:.2f}M -> {after / 1e6:.2f}M ({100 * (after / before - 1):+.1f}%"
+             f"{', %.2fM of them zero' % (removed['sparsity']['zeroed'] / 1e6) if 'sparsity' in removed else ''})"]
     distilled = record["distillation"]
     if distilled:
         lines.append(f"distilled  {distilled['steps']} steps on {distilled['device']}, loss {distilled['loss_first']:.4f} "

@@ -14,6 +14,7 @@ from gptkiln.cli import main
 from gptkiln.compression.distill import distill
 from gptkiln.compression.settings import DistillSettings
 from gptkiln.errors import ParityError
+from gptkiln.targets.tensorrt.target import host_missing
 
 
 def run_cli(capsys, *argv):
@@ -52,6 +53,49 @@ def test_distillation_recovers_what_pruning_lost(depth_pruned):
     assert distilled.accuracy.ppl < pruned.accuracy.ppl
     assert distilled.accuracy.top1_agreement > pruned.accuracy.top1_agreement
     assert pruned.record["distillation"] is None
+
+
+@pytest.fixture(scope="module")
+def two_four(tmp_path_factory, calibration_text):
+    """The reference model 2:4 sparse by each score; the wanda one distilled 10 steps with its masks held."""
+    root = tmp_path_factory.mktemp("sparse")
+    common = dict(calibration=calibration_text, sparsity="2:4", calibration_samples=16, eval_tokens=4096,
+                  max_ppl_increase=100)
+    return (gptkiln.compress("reference", root / "wanda", distill_steps=10, **common),
+            gptkiln.compress("reference", root / "magnitude", sparsity_score="magnitude", **common))
+
+
+def test_two_four_sparsity_holds_through_distillation_and_loads_in_transformers(two_four):
+    from gptkiln.compression.sparsity import check_two_four, sparse_layers
+    from gptkiln.models.loading import load_model
+
+    wanda, magnitude = two_four
+    record = wanda.record["removed"]["sparsity"]
+    assert record["pattern"] == "2:4" and record["score"] == "wanda" and record["layers"] == 16
+    assert record["zeroed"] == record["weights"] // 2 and "dense on ONNX Runtime" in record["runs"]
+    assert wanda.record["distillation"]["steps"] == 10
+    loaded = load_model(str(wanda.output))  # from the files: the distillation kept every mask
+    assert check_two_four(loaded.model, loaded.spec) == 16
+    layers = sparse_layers(loaded.model, loaded.spec)
+    assert sum(int((m.weight == 0).sum()) for m in layers.values()) == record["zeroed"]
+    # Wanda weighs each weight by its input's norm: a different choice than magnitude, and no worse one here
+    assert wanda.record["gate"]["ppl"] <= magnitude.record["gate"]["ppl"]
+
+
+@pytest.mark.skipif(not host_missing(), reason="this machine has TensorRT and a GPU: tests/gpu/ builds the sparse engine")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_builds_a_two_four_model_with_sparse_weights(two_four, tmp_path, capsys, precision):
+    code = main(["export", str(two_four[0].output), "-o", str(tmp_path / "out"), "--target", "tensorrt",
+                 "--quantize", precision, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    settings = json.loads(captured.out)["targets"]["tensorrt"]["settings"]
+    readiness = settings["readiness"]
+    assert settings["sparse_weights"] and readiness["ready"]
+    assert (readiness["sparse_layers"], readiness["linear_layers"]) == (16, 16)
+    assert "--sparsity=enable" in (tmp_path / "out" / "tensorrt" / "build_engine.sh").read_text()
+    fp32_warning = [w for w in readiness["warnings"] if "sparse tensor cores run fp16" in w]
+    assert bool(fp32_warning) == (precision == "fp32")
 
 
 def test_over_budget_nothing_is_written(calibration_text, tmp_path, capsys):
@@ -127,6 +171,9 @@ def test_bad_requests_are_refused_before_any_work(calibration_text, tmp_path, ca
     code, _, err = run_cli(capsys, "compress", "reference", "-o", out, "--calibration", calibration_text,
                            "--prune-layers", "4")
     assert code == 2 and "0 to 3" in err
+    with pytest.raises(SystemExit) as exited:  # argparse's own refusal of an unknown pattern
+        main(["compress", "reference", "-o", str(out), "--calibration", str(calibration_text), "--sparsity", "1:4"])
+    assert exited.value.code == 2 and "invalid choice: '1:4'" in capsys.readouterr().err
     assert not out.exists()
 
 

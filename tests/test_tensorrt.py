@@ -214,6 +214,7 @@ def test_export_without_tensorrt_prepares_the_checked_onnx(tmp_path, capsys):
     assert graph.graph.outputs[0].dtype == ir.DataType.FLOAT  # logits stay fp32
     script = (out / "tensorrt" / "build_engine.sh").read_text()
     assert "--stronglyTyped" in script and "--profile=1" in script and "past_key_values.3.value:8x6x511x32" in script
+    assert not target["settings"]["sparse_weights"] and "--sparsity" not in script  # dense weights: no sparse kernels
     assert main(["verify", str(out)]) == 0
     assert main(["generate", str(out), "--prompt", "def"]) == 10  # no engine to run here: a clear refusal
     assert "no compiled target" in capsys.readouterr().err

@@ -41,10 +41,14 @@ class DistillRecord:
 
 
 def distill(teacher, student, windows: np.ndarray, settings: DistillSettings, state_dir: Path,
-            progress: Progress = QUIET) -> DistillRecord:
+            progress: Progress = QUIET, masks: dict[str, torch.Tensor] | None = None) -> DistillRecord:
+    """`masks`: parameter name -> kept weights (2:4 sparsity), held fixed: pruned weights are zeroed after
+    every step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher.to(device).eval()
     student.to(device).train()
+    masked = [(parameter, masks[name].to(device)) for name, parameter in student.named_parameters()
+              if name in (masks or {})]
     torch.manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     warmup = max(1, int(settings.warmup * settings.steps))
@@ -84,6 +88,9 @@ def distill(teacher, student, windows: np.ndarray, settings: DistillSettings, st
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
+            with torch.no_grad():
+                for parameter, mask in masked:
+                    parameter.mul_(mask)
             schedule.step()
             losses.append(loss.item())
             bar.step(f"loss {losses[-1]:.4f}")

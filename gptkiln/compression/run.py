@@ -20,6 +20,7 @@ from gptkiln.cache import cache_root
 from gptkiln.calibration.data import calibration_set, read_texts
 from gptkiln.calibration.perplexity import AccuracyReport, EvalText, Evaluation
 from gptkiln.compression import importance as imp
+from gptkiln.compression import sparsity
 from gptkiln.compression.distill import DistillRecord, distill, loss_curve
 from gptkiln.compression.settings import CompressSettings
 from gptkiln.compression.structure import check_head_groups, mlp_layout, prune_head_groups, prune_mlp, remove_blocks
@@ -69,6 +70,12 @@ def compress(settings: CompressSettings, progress: Progress = QUIET) -> Compress
         scores = imp.measure(original.model, spec, calibration.windows, bool(settings.prune_mlp),
                              bool(settings.prune_heads), progress)
     student, removed = _pruned(original, settings, scores)
+    masks = None
+    if settings.sparsity:
+        with progress.stage(f"{settings.sparsity} sparsity ({settings.sparsity_score})"):
+            masks = sparsity.two_four_masks(student, spec, calibration.windows, settings.sparsity_score, progress)
+            sparsity.apply_masks(student, masks)
+        removed["sparsity"] = _sparsity_record(settings, masks)
     work = make_work_dir(output)
     try:
         with progress.stage("write the pruned checkpoint"):
@@ -79,8 +86,10 @@ def compress(settings: CompressSettings, progress: Progress = QUIET) -> Compress
             with progress.stage(f"distil {settings.distill.steps} steps"):
                 key = _run_key(original.source, settings, calibration.sha256)
                 distilled = distill(original.model, pruned.model, calibration.windows, settings.distill,
-                                    cache_root() / "distill" / key, progress)
+                                    cache_root() / "distill" / key, progress, masks)
                 _save(pruned.model, original.tokenizer, work)
+        if masks:
+            sparsity.check_two_four(pruned.model, pruned.spec)
         with progress.stage("gate: the compressed model against the original"):
             accuracy = evaluation.measure(TorchRunner(pruned.model, pruned.spec), progress)
         record = _record(settings, original, pruned, removed, scores, calibration.source, distilled, accuracy,
@@ -126,6 +135,14 @@ def _pruned(original, settings: CompressSettings, scores: imp.Importance):
     return student, removed
 
 
+def _sparsity_record(settings: CompressSettings, masks: dict) -> dict:
+    weights = sum(mask.numel() for mask in masks.values())
+    return {"pattern": settings.sparsity, "score": settings.sparsity_score, "layers": len(masks),
+            "weights": weights, "zeroed": weights - sum(int(mask.sum()) for mask in masks.values()),
+            "runs": "sparse on TensorRT (SPARSE_WEIGHTS; sparse tensor cores, Ampere and newer, fp16/bf16/int8 layers); "
+                    "dense on ONNX Runtime and OpenVINO, which store and compute every zero"}
+
+
 def _save(model, tokenizer, directory: Path) -> None:
     """The weights, and beside them the model files every gptkiln output has."""
     model.save_pretrained(directory)
@@ -135,7 +152,8 @@ def _save(model, tokenizer, directory: Path) -> None:
 def _run_key(source: dict, settings: CompressSettings, calibration_sha256: str) -> str:
     """Everything a distillation run depends on: a resumed run continues only the same run."""
     parts = {"model": source["sha256"], "calibration": calibration_sha256,
-             "prune": [settings.prune_layers, settings.prune_mlp, settings.prune_heads],
+             "prune": [settings.prune_layers, settings.prune_mlp, settings.prune_heads, settings.sparsity,
+                       settings.sparsity_score],
              "distill": asdict(settings.distill)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -25,6 +25,8 @@ class DistillSettings:
 # reference model (+1.7%), as does a quarter of the reference model's blocks distilled (+7.8%); a quarter of
 # SmolLM2's 30 blocks, even distilled 150 steps (+61%), and every undistilled depth cut do not.
 DEFAULT_MAX_PPL_INCREASE = 25.0
+SPARSITY_PATTERNS = ("2:4",)  # what NVIDIA's sparse tensor cores run (TensorRT's SPARSE_WEIGHTS)
+SPARSITY_SCORES = ("wanda", "magnitude")  # compression/sparsity.py
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class CompressSettings:
     prune_layers: int = 0  # whole blocks removed
     prune_mlp: float = 0.0  # share of every block's MLP channels removed
     prune_heads: int = 0  # whole KV groups removed from every block
+    sparsity: str | None = None  # "2:4": semi-structured masks on every linear layer inside the blocks
+    sparsity_score: str = "wanda"  # or "magnitude"
     calibration_samples: int = 64
     calibration_seq_len: int = 128
     calibration_seed: int = 0
@@ -45,8 +49,13 @@ class CompressSettings:
     force: bool = False
 
     def check(self, num_layers: int) -> None:
-        if not (self.prune_layers or self.prune_mlp or self.prune_heads):
-            raise UsageError("nothing to remove", "pass --prune-layers N, --prune-mlp RATIO or --prune-heads N")
+        if not (self.prune_layers or self.prune_mlp or self.prune_heads or self.sparsity):
+            raise UsageError("nothing to remove",
+                             "pass --prune-layers N, --prune-mlp RATIO, --prune-heads N or --sparsity 2:4")
+        if self.sparsity not in (None, *SPARSITY_PATTERNS) or self.sparsity_score not in SPARSITY_SCORES:
+            raise UsageError(f"--sparsity knows {', '.join(SPARSITY_PATTERNS)} and --sparsity-score "
+                             f"{' or '.join(SPARSITY_SCORES)}, got {self.sparsity!r} / {self.sparsity_score!r}",
+                             "e.g. --sparsity 2:4 --sparsity-score wanda")
         if not 0 <= self.prune_layers < num_layers:
             raise UsageError(f"--prune-layers must be 0 to {num_layers - 1} for this {num_layers}-block model, "
                              f"got {self.prune_layers}", "pass a smaller count")

@@ -52,6 +52,20 @@ def test_build_parity_and_generation(tmp_path, capsys, calibration_text, precisi
     assert main(["verify", str(out)]) == 0
 
 
+def test_a_two_four_sparse_model_builds_with_sparse_weights(tmp_path, capsys, calibration_text):
+    import gptkiln
+
+    sparse = gptkiln.compress("reference", tmp_path / "sparse", calibration=calibration_text, sparsity="2:4",
+                              calibration_samples=16, eval_tokens=4096, max_ppl_increase=100)
+    out = tmp_path / "engine"
+    code = main(["export", str(sparse.output), "-o", str(out), "--target", "tensorrt", "--quantize", "fp16", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    target = json.loads(captured.out)["targets"]["tensorrt"]
+    assert target["compiled"] and target["passed"], target["failures"]
+    assert target["settings"]["sparse_weights"] and target["settings"]["sparse_weights_flag"]
+
+
 def test_timing_cache_makes_rebuilds_reuse_kernel_choices(tmp_path, capsys):
     first = export(tmp_path / "a", capsys, "fp16")
     second = export(tmp_path / "b", capsys, "fp16")

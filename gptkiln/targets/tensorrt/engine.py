@@ -2,7 +2,8 @@
 
 Strongly typed: every layer runs in the type the graph gives it (fp32, the fp16/bf16 graph of
 gptkiln.graph.half, or the explicit Q/DQ of calibration), so no precision builder flag is set
-and TF32 is turned off (fp32 builds are held to fp32 parity). Two optimization profiles
+and TF32 is turned off (fp32 builds are held to fp32 parity). A graph with 2:4 sparse weights gets
+SPARSE_WEIGHTS: TensorRT may then pick sparse tensor-core kernels for those layers where they are faster. Two optimization profiles
 (profiles.py). The timing cache is read before and written after every build: rebuilds on the
 same GPU and TensorRT version reuse the kernel choices, so they are fast and pick the same kernels.
 """
@@ -39,7 +40,7 @@ def collecting_logger(trt):
 
 
 def build_engine(onnx_path: Path, engine_path: Path, spec: DecoderSpec, profiles: list[Profile],
-                 settings: EngineSettings, timing_cache: Path) -> dict:
+                 settings: EngineSettings, timing_cache: Path, sparse_weights: bool = False) -> dict:
     """Write the serialized engine; return what the build used (for the manifest)."""
     import tensorrt as trt
 
@@ -62,6 +63,8 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: DecoderSpec, profiles
     config.hardware_compatibility_level = _hardware_level(trt, settings.hardware_compatibility)
     if settings.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     reused = timing_cache.is_file()
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -71,7 +74,8 @@ def build_engine(onnx_path: Path, engine_path: Path, spec: DecoderSpec, profiles
                           "report this with the model config and the TensorRT version")
     engine_path.write_bytes(bytes(plan))
     _save_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
-    return {"timing_cache": str(timing_cache), "timing_cache_reused": reused, "builder_warnings": logger.messages[-20:]}
+    return {"timing_cache": str(timing_cache), "timing_cache_reused": reused, "sparse_weights_flag": sparse_weights,
+            "builder_warnings": logger.messages[-20:]}
 
 
 def _hardware_level(trt, level: str):

@@ -6,6 +6,8 @@ no tensor of a type the parser cannot represent; the quantization TensorRT accep
 all zero, blocked scales only for int4 with blocks of 64 or 128 over 2-D constant weights); the
 Attention and LayerNormalization restrictions; and graph inputs whose every dynamic dimension
 is one the optimization profiles cover. Problems fail the build; warnings are recorded.
+It also counts the linear layers whose weights are 2:4 sparse (`gptkiln compress --sparsity 2:4`): the
+engine is then built with SPARSE_WEIGHTS, whose kernels run fp16/bf16/int8 layers, not fp32 ones.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from gptkiln.graph.sparsity import two_four_linear_layers
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.tensorrt.compat import parse_version
 from gptkiln.targets.tensorrt.onnx_support import (ADDED_IN, INT4_BLOCK_SIZES, DOCUMENTED_VERSION, MIN_VERSION, OPSET_RANGE, REPRESENTABLE,
@@ -34,6 +37,8 @@ class ReadinessReport:
     minimum_tensorrt: str = MIN_VERSION  # the oldest parser that has every op the graph uses
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    sparse_layers: int = 0  # linear layers with 2:4 sparse constant weights
+    linear_layers: int = 0  # linear layers with constant weights
 
     @property
     def ready(self) -> bool:
@@ -41,7 +46,8 @@ class ReadinessReport:
 
     def to_dict(self) -> dict:
         return {"ready": self.ready, "checked_against": f"TensorRT {self.documented_version} ONNX operator support",
-                "opset": self.opset, "minimum_tensorrt": self.minimum_tensorrt, "problems": self.problems, "warnings": self.warnings}
+                "opset": self.opset, "minimum_tensorrt": self.minimum_tensorrt, "problems": self.problems,
+                "warnings": self.warnings, "sparse_layers": self.sparse_layers, "linear_layers": self.linear_layers}
 
 
 def check(model: ir.Model, spec: DecoderSpec, profiles: list[Profile]) -> ReadinessReport:
@@ -63,7 +69,17 @@ def check(model: ir.Model, spec: DecoderSpec, profiles: list[Profile]) -> Readin
     for value in _values(model.graph):
         if value.dtype is not None and value.dtype.name not in REPRESENTABLE:
             report.problems.append(f"tensor '{value.name}' is {value.dtype.name}, which TensorRT cannot represent")
+    report.sparse_layers, report.linear_layers = two_four_linear_layers(model)
+    if report.sparse_layers and not _has_reduced_precision(model):
+        report.warnings.append(f"{report.sparse_layers} of {report.linear_layers} linear layers are 2:4 sparse, but the "
+                               "graph is fp32: sparse tensor cores run fp16, bf16 and int8 layers (TF32 is off), so "
+                               "they run dense; build --quantize fp16, bf16 or w8a8 to use them")
     return report
+
+
+def _has_reduced_precision(model: ir.Model) -> bool:
+    reduced = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8)
+    return any(value.dtype in reduced for value in model.graph.initializers.values())
 
 
 def _node_problems(node: ir.Node) -> list[str]:

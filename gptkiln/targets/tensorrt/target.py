@@ -113,21 +113,23 @@ class TensorRTTarget(Target):
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
         half = next((v.dtype.name for v in model.graph.initializers.values()
                      if v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)), None)
+        sparse = readiness.sparse_layers > 0
         script = out_dir / TRTEXEC_SCRIPT
         script.write_text(f"#!/bin/sh\n# {TRTEXEC_SCRIPT}: builds {ENGINE_FILE} from {MODEL_FILE} with the profiles gptkiln "
-                          f"derived\nset -e\ncd \"$(dirname \"$0\")\"\n{trtexec_command(profiles, spec, self.engine)}\n")
+                          f"derived\nset -e\ncd \"$(dirname \"$0\")\"\n{trtexec_command(profiles, spec, self.engine, sparse)}\n")
         script.chmod(0o755)
         settings = {"model": MODEL_FILE, "readiness": readiness.to_dict(), "profiles": [p.to_dict() for p in profiles],
                     "hardware_compatibility": self.engine.hardware_compatibility,
                     "version_compatible": self.engine.version_compatible, "trtexec_script": TRTEXEC_SCRIPT,
-                    "fusion": fusion.to_dict()}
+                    "sparse_weights": sparse, "fusion": fusion.to_dict()}
         missing = host_missing(readiness.minimum_tensorrt)
         if missing:
             return {**settings, "compiled": False, "missing": missing}
         return {**settings, **self._build(out_dir, spec, profiles, readiness.minimum_tensorrt,
-                                          "bf16" if half == "BFLOAT16" else "")}
+                                          "bf16" if half == "BFLOAT16" else "", sparse)}
 
-    def _build(self, out_dir: Path, spec: DecoderSpec, profiles: list[Profile], minimum: str, precision: str) -> dict:
+    def _build(self, out_dir: Path, spec: DecoderSpec, profiles: list[Profile], minimum: str, precision: str,
+               sparse: bool) -> dict:
         import tensorrt as trt
         import torch
 
@@ -142,7 +144,7 @@ class TensorRTTarget(Target):
         if problems:
             raise TargetUnavailableError("; ".join(problems), "build on a newer GPU, or change the options named")
         cache = cache_root() / "tensorrt" / f"timing-{trt.__version__}-sm{capability.replace('.', '')}.cache"
-        built = build_engine(out_dir / MODEL_FILE, out_dir / ENGINE_FILE, spec, profiles, self.engine, cache)
+        built = build_engine(out_dir / MODEL_FILE, out_dir / ENGINE_FILE, spec, profiles, self.engine, cache, sparse)
         requires = EngineRequirements(trt.__version__, capability, self.engine.hardware_compatibility,
                                       self.engine.version_compatible)
         self.save_runtime_config(out_dir, {"profiles": [p.to_dict() for p in profiles], "requires": requires.to_dict()})
@@ -177,7 +179,7 @@ class TensorRTTarget(Target):
         return TensorRTRunner(spec, engine, [Profile.from_dict(p) for p in config["profiles"]])
 
 
-def trtexec_command(profiles: list[Profile], spec: DecoderSpec, engine) -> str:
+def trtexec_command(profiles: list[Profile], spec: DecoderSpec, engine, sparse: bool = False) -> str:
     """The same build with NVIDIA's trtexec, for machines that have TensorRT but not gptkiln."""
     parts = ["trtexec", f"--onnx={MODEL_FILE}", "--stronglyTyped", "--noTF32"]
     for index, profile in enumerate(profiles):
@@ -190,5 +192,7 @@ def trtexec_command(profiles: list[Profile], spec: DecoderSpec, engine) -> str:
         parts.append("--hardwareCompatibilityLevel=ampere+")
     if engine.version_compatible:
         parts.append("--versionCompatible")
+    if sparse:
+        parts.append("--sparsity=enable")
     parts += ["--timingCacheFile=timing.cache", f"--saveEngine={ENGINE_FILE}", "--skipInference"]
     return " ".join(parts)
