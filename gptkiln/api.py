@@ -102,7 +102,8 @@ def load(path: str | Path, target: str | None = None, bundle: bool | None = None
 
 def build(file: str | Path, *, jobs: int | None = None, cache: bool = True, dry_run: bool = False) -> list[dict]:
     """Run every build of a build file (kiln.yaml / kiln.toml); return one record per build, as `gptkiln build
-    --json` prints them (each with `ok`, and `error` with its exit code where it failed). dry_run: the plan."""
+    --json` prints them (each with `ok`, and `error` with its exit code where it failed; a build of a compressed
+    model with `compression`, that compression's outcome). dry_run: the plan (compressions first)."""
     from dataclasses import replace
 
     from gptkiln.build_file import read_build_file
@@ -115,11 +116,11 @@ def build(file: str | Path, *, jobs: int | None = None, cache: bool = True, dry_
     if not cache:
         build_file.builds = [replace(b, config=replace(b.config, cache=False)) for b in build_file.builds]
     if dry_run:
-        return plan(build_file.builds)
+        return plan(build_file.builds, build_file.compressions)
     jobs = jobs or build_file.jobs
     if jobs < 1:
         raise UsageError(f"jobs must be >= 1, got {jobs}", "pass a positive count")
-    return run_matrix(build_file.builds, jobs)
+    return run_matrix(build_file.builds, jobs, build_file.compressions)
 
 
 def compress(model: str, output: str | Path, *, calibration: str | Path, prune_layers: int = 0, prune_mlp: float = 0.0,
@@ -133,25 +134,17 @@ def compress(model: str, output: str | Path, *, calibration: str | Path, prune_l
     sparsity: `sparsity="2:4"`), distil it for `distill_steps`, gate it against the
     original and write a standard checkpoint into `output` (`gptkiln export` takes it); return the
     CompressResult (raises ParityError over the budget; nothing is written then). None: the default."""
-    from dataclasses import fields
-
     from gptkiln.compression.run import compress as compress_model
-    from gptkiln.compression.settings import CompressSettings, DistillSettings
+    from gptkiln.compression.settings import compress_settings
     from gptkiln.progress import Progress
 
-    def given(cls, **values):
-        names = {f.name for f in fields(cls)}
-        return {k: v for k, v in values.items() if v is not None and k in names}
-
-    distill = DistillSettings(**given(DistillSettings, steps=distill_steps, learning_rate=learning_rate,
-                                      temperature=temperature, batch=distill_batch, seed=seed))
-    settings = CompressSettings(model=model, output=Path(output), calibration=Path(calibration), distill=distill,
-                                **given(CompressSettings, prune_layers=prune_layers, prune_mlp=prune_mlp,
-                                        prune_heads=prune_heads, sparsity=sparsity, sparsity_score=sparsity_score,
-                                        calibration_samples=calibration_samples,
-                                        calibration_seq_len=calibration_seq_len, calibration_seed=seed,
-                                        eval_text=Path(eval_text) if eval_text else None, eval_tokens=eval_tokens,
-                                        max_ppl_increase=max_ppl_increase, force=force))
+    settings = compress_settings(model, Path(output), Path(calibration), prune_layers=prune_layers,
+                                 prune_mlp=prune_mlp, prune_heads=prune_heads, sparsity=sparsity,
+                                 sparsity_score=sparsity_score, distill_steps=distill_steps,
+                                 learning_rate=learning_rate, temperature=temperature, distill_batch=distill_batch,
+                                 seed=seed, calibration_samples=calibration_samples,
+                                 calibration_seq_len=calibration_seq_len, eval_text=eval_text,
+                                 eval_tokens=eval_tokens, max_ppl_increase=max_ppl_increase, force=force)
     return compress_model(settings, Progress(enabled=progress))
 
 

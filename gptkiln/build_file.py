@@ -11,10 +11,18 @@
     target_options:              # per target: threads, performance-hint, inference-precision, kv-cache-precision,
                                  # dynamic-quantization-group
       openvino: {threads: 2}
+    compress:                    # checkpoints made (`gptkiln compress`) before the builds, at <output>/<name>/checkpoint;
+      reference-mlp25:           # a name `models` can list
+        model: reference         # what it compresses; every other key a long option of `gptkiln compress`
+        calibration: data/calibration.txt
+        prune-mlp: 0.25
+        distill-steps: 200
 
 The file's keys and types are checked before anything is built; a mistake names the key and
 its line. Relative paths (output, local models, calibration, eval text) are relative to the
 file. A listed target that cannot run a precision is skipped for it, and the plan says so.
+Every `compress` entry runs first, one at a time (a checkpoint whose compression.json holds the same request
+key is reused); the builds of a model whose compression fails fail with its error.
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ from pathlib import Path
 
 import yaml
 
+from gptkiln.compression.settings import CompressSettings, compress_settings
 from gptkiln.config import BuildConfig, Precision
 from gptkiln.errors import ConfigError, UsageError
 
 TOP_LEVEL = {"output": str, "models": list, "precisions": list, "targets": list, "jobs": int, "options": dict,
-             "target_options": dict}
+             "target_options": dict, "compress": dict}
+CHECKPOINT = "checkpoint"  # <output>/<compress name>/checkpoint
+NOT_IN_COMPRESS = {"output", "force", "json", "handler"}  # the file decides where a checkpoint goes
 STRUCTURAL = {"model", "output", "targets", "quantize", "force", "json", "handler"}  # set by the file's own keys
 # RuntimeSettings (trt_*: under options)
 TARGET_OPTIONS = {"threads", "performance_hint", "inference_precision", "kv_cache_precision",
@@ -39,10 +50,17 @@ PATH_OPTIONS = {"calibration", "eval_text"}
 
 
 @dataclass
+class Compression:
+    name: str  # a model name the file's `models` can list
+    settings: CompressSettings
+
+
+@dataclass
 class MatrixBuild:
     name: str  # "<model>/<precision>"
     config: BuildConfig
     skipped: list[str] = field(default_factory=list)  # listed targets that cannot run this precision
+    compression: str | None = None  # the `compress` entry whose checkpoint this build exports
 
 
 @dataclass
@@ -50,6 +68,7 @@ class BuildFile:
     path: Path
     builds: list[MatrixBuild]
     jobs: int
+    compressions: list[Compression] = field(default_factory=list)
 
 
 def read_build_file(path: Path) -> BuildFile:
@@ -80,14 +99,62 @@ def read_build_file(path: Path) -> BuildFile:
     targets = [_choice(where, ("targets", i), t, list(_target_names())) for i, t in enumerate(data.get("targets", []))]
     overrides = _target_options(where, data.get("target_options", {}), actions, targets)
     models = [_expect(where, ("models", i), m, str) for i, m in enumerate(data["models"])]
+    root = (base / data["output"]).resolve()
+    compressions = {name: _compression(where, name, entry, base, root)
+                    for name, entry in data.get("compress", {}).items()}
+    for name in compressions:
+        if name not in models:
+            raise ConfigError(f"{where('compress', name)}: compress entry '{name}' is not listed in models",
+                              f"add {name} to models (its builds export the checkpoint), or remove the entry")
     builds = []
     for model in models:
-        local = (base / model).expanduser()
-        model_arg = str(local) if not model.startswith("preset:") and local.exists() else model
+        compression = compressions.get(model)
+        model_arg = str(compression.settings.output) if compression else _model_arg(model, base)
         for precision in precisions:
-            builds.append(_matrix_build(where, model, model_arg, precision, targets, options, overrides,
-                                        (base / data["output"]).resolve()))
-    return BuildFile(path, builds, jobs)
+            build = _matrix_build(where, model, model_arg, precision, targets, options, overrides, root)
+            builds.append(replace(build, compression=compression.name if compression else None))
+    return BuildFile(path, builds, jobs, list(compressions.values()))
+
+
+def _model_arg(model: str, base: Path) -> str:
+    """A local model relative to the file; anything else as written."""
+    local = (base / model).expanduser()
+    return str(local) if not model.startswith("preset:") and local.exists() else model
+
+
+def _compression(where, name: str, entry, base: Path, root: Path) -> Compression:
+    from gptkiln.options import compress_options
+
+    key = ("compress", name)
+    _expect(where, key, entry, dict)
+    if _slug(name) != name:
+        raise ConfigError(f"{where(*key)}: compress name '{name}' is not a plain directory name",
+                          f"use letters, digits, '.', '_' and '-', e.g. {_slug(name)}")
+    for required in ("model", "calibration"):
+        if required not in entry:
+            raise ConfigError(f"{where(*key)}: compress entry '{name}' has no '{required}'",
+                              f"add '{required}:' (what to compress, and the text to measure and distil on)")
+    actions = compress_options()
+    values = {}
+    for option, value in entry.items():
+        dest = option.replace("-", "_")
+        if dest == "model":
+            values[dest] = _model_arg(_expect(where, (*key, option), value, str), base)
+            continue
+        if dest in NOT_IN_COMPRESS or dest not in actions:
+            raise ConfigError(f"{where(*key, option)}: '{option}' is not a compress option here",
+                              "use `model` and the long options of `gptkiln compress --help` without the dashes "
+                              "(the checkpoint goes to <output>/<name>/checkpoint)")
+        values[dest] = _option_value(where, (*key, option), value, actions[dest])
+        if dest in PATH_OPTIONS and values[dest] is not None:
+            values[dest] = base / values[dest]
+    model, calibration = values.pop("model"), values.pop("calibration")
+    try:
+        settings = compress_settings(model, root / name / CHECKPOINT, calibration, **values)
+        settings.check()
+    except UsageError as error:
+        raise ConfigError(f"{where(*key)}: compress entry '{name}': {error.cause}", error.fix) from None
+    return Compression(name, settings)
 
 
 def _matrix_build(where, model: str, model_arg: str, precision: str, targets: list[str], options: dict,

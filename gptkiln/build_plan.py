@@ -50,7 +50,7 @@ def plan_build(config: BuildConfig, targets: list[Target], texts: dict[str, list
     quantize = half = None
     if config.precision.quantized:
         quantize = stage_key("quantize", export, config.precision.value, quant_settings(config.precision, config.quant),
-                             {name: _texts_digest(t) for name, t in texts.items()})
+                             {name: texts_digest(t) for name, t in texts.items()})
         graph = quantize
     if config.precision.half:
         half = graph = stage_key("half", graph, config.precision.value)
@@ -98,7 +98,7 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def _texts_digest(texts: list[str] | None) -> str | None:
+def texts_digest(texts: list[str] | None) -> str | None:
     if texts is None:
         return None
     digest = hashlib.sha256()

@@ -12,7 +12,7 @@ from pathlib import Path
 from gptkiln import api
 from gptkiln.config import ParitySettings
 from gptkiln.errors import GptkilnError
-from gptkiln.options import add_export_arguments, export_config
+from gptkiln.options import add_compress_arguments, add_export_arguments, export_config
 from gptkiln.summary import build_summary, compress_summary
 
 
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
     compress = commands.add_parser("compress", help="prune MODEL by measured importance, distil it, gate it, write "
                                                      "a checkpoint")
-    _add_compress_arguments(compress)
+    add_compress_arguments(compress)
     compress.set_defaults(handler=_compress)
 
     bench = commands.add_parser("bench", help="measure every built target and precision against PyTorch eager")
@@ -123,39 +123,6 @@ def _add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--warmup", type=int, default=BenchSettings.warmup, help="default %(default)s")
     bench.add_argument("--chart", type=Path, help="the PNG chart (default: benchmark.png in the measured directory)")
     bench.add_argument("--no-chart", action="store_true", help="write no chart")
-
-
-def _add_compress_arguments(parser: argparse.ArgumentParser) -> None:
-    from gptkiln.compression.settings import (DEFAULT_MAX_PPL_INCREASE, SPARSITY_PATTERNS, SPARSITY_SCORES,
-                                              CompressSettings, DistillSettings)
-
-    defaults, distill = CompressSettings(model="", output=Path(), calibration=Path()), DistillSettings()
-    parser.add_argument("model", help="anything `gptkiln export` takes")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="directory for the compressed checkpoint")
-    parser.add_argument("--calibration", required=True, type=Path,
-                        help="text the importance is measured and the distillation trained on (file, .jsonl, directory)")
-    parser.add_argument("--prune-layers", type=int, default=0, help="whole blocks to remove (the least influential)")
-    parser.add_argument("--prune-mlp", type=float, default=0.0, help="share of every block's MLP channels to remove")
-    parser.add_argument("--prune-heads", type=int, default=0,
-                        help="whole KV groups (a KV head and its query heads) to remove from every block")
-    parser.add_argument("--sparsity", choices=SPARSITY_PATTERNS,
-                        help="semi-structured sparsity of every linear layer in the blocks (TensorRT runs 2:4 on "
-                             "sparse tensor cores; CPU targets run it dense)")
-    parser.add_argument("--sparsity-score", choices=SPARSITY_SCORES, default=defaults.sparsity_score,
-                        help="which 2 of 4 weights stay: wanda (|weight| x input norm) or magnitude (default %(default)s)")
-    parser.add_argument("--distill-steps", type=int, default=distill.steps, help="default %(default)s: no distillation")
-    parser.add_argument("--learning-rate", type=float, default=distill.learning_rate, help="default %(default)s")
-    parser.add_argument("--temperature", type=float, default=distill.temperature, help="default %(default)s")
-    parser.add_argument("--distill-batch", type=int, default=distill.batch, help="windows per step (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=distill.seed, help="default %(default)s")
-    parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples,
-                        help="windows of calibration text (default %(default)s)")
-    parser.add_argument("--calibration-seq-len", type=int, default=defaults.calibration_seq_len, help="default %(default)s")
-    parser.add_argument("--eval-text", type=Path, help="held-out text of the gate (default: the reference model's)")
-    parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens, help="default %(default)s")
-    parser.add_argument("--max-ppl-increase", type=float, default=DEFAULT_MAX_PPL_INCREASE,
-                        help="the gate: perplexity increase allowed against the original, percent (default %(default)s)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier compressed checkpoint")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,8 @@
 """Run the builds of a build file: a dry-run plan, then every build, several at once if asked.
 
+The file's compressions run first, one at a time (each uses every core), and each build of a compressed model
+carries its compression's outcome; where a compression failed, its builds fail with its error, unbuilt.
+
 Builds are independent (each publishes its own output directory); stages they share (one
 model's export, used by each precision) are built once and found by the others through the
 stage cache, whose per-key lock makes a second build wait for the first. Parallel builds run in
@@ -9,12 +12,13 @@ separate processes, each with its share of the cores for PyTorch.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import multiprocessing
 import os
 import time
 import traceback
 
-from gptkiln.build_file import MatrixBuild
+from gptkiln.build_file import Compression, MatrixBuild
 from gptkiln.cache import cache_root
 from gptkiln.summary import text_table
 from gptkiln.errors import GptkilnError
@@ -22,15 +26,32 @@ from gptkiln.parity import worst_logits_rel
 from gptkiln.stage_cache import StageCache
 
 
-def dry_run(builds: list[MatrixBuild]) -> list[dict]:
-    """What each build would do: up to date, or which stages are cached and which would be built."""
+def dry_run(builds: list[MatrixBuild], compressions: list[Compression] = ()) -> list[dict]:
+    """What each build would do: up to date, or which stages are cached and which would be built (a build of a
+    checkpoint that is not compressed yet: everything, after its compression)."""
+    from gptkiln.compression.run import up_to_date as compressed
     from gptkiln.pipeline import prepare_build, up_to_date
 
     cache = StageCache(cache_root() / "stages")
+    pending = set()
     plan = []
+    for compression in compressions:
+        entry = {"name": f"compress {compression.name}", "output": str(compression.settings.output), "targets": [],
+                 "skipped_targets": []}
+        try:
+            done = compressed(compression.settings)
+        except GptkilnError as error:
+            plan.append({**entry, "error": error.to_dict()})
+            pending.add(compression.name)
+            continue
+        pending |= set() if done else {compression.name}
+        plan.append({**entry, "up_to_date": done, "stages": {} if done else {"compress": "build"}})
     for item in builds:
         entry = {"name": item.name, "output": str(item.config.output), "targets": list(item.config.targets),
                  "skipped_targets": item.skipped}
+        if item.compression in pending:
+            plan.append({**entry, "up_to_date": False, "stages": {f"after compress {item.compression}": "build"}})
+            continue
         try:
             _, _, keys = prepare_build(item.config)
         except GptkilnError as error:
@@ -46,8 +67,52 @@ def dry_run(builds: list[MatrixBuild]) -> list[dict]:
     return plan
 
 
-def run_matrix(builds: list[MatrixBuild], jobs: int) -> list[dict]:
+def run_matrix(builds: list[MatrixBuild], jobs: int, compressions: list[Compression] = ()) -> list[dict]:
     """Every build's outcome, in the file's order. A failed build does not stop the others."""
+    compressed = {c.name: run_compression(c) for c in compressions}
+    failed = {name: outcome for name, outcome in compressed.items() if not outcome["ok"]}
+    runnable = [item for item in builds if item.compression not in failed]
+    outcomes = iter(_run_builds(runnable, jobs))
+    results = []
+    for item in builds:
+        if item.compression in failed:
+            error = failed[item.compression]["error"]
+            outcome = {"name": item.name, "output": str(item.config.output), "targets": list(item.config.targets),
+                       "skipped_targets": item.skipped, "ok": False, "seconds": 0.0,
+                       "error": {**error, "cause": f"compress {item.compression}: {error['cause']}"}}
+        else:
+            outcome = next(outcomes)
+        if item.compression:
+            outcome["compression"] = compressed[item.compression]
+        results.append(outcome)
+    return results
+
+
+def run_compression(compression: Compression) -> dict:
+    """Compress (or find up to date) one checkpoint of a build file: its outcome, as a build's is recorded."""
+    from dataclasses import replace
+
+    from gptkiln.compression.run import RECORD, compress, up_to_date
+    from gptkiln.progress import Progress
+
+    started = time.perf_counter()
+    outcome = {"name": compression.name, "output": str(compression.settings.output)}
+    try:
+        fresh = not up_to_date(compression.settings)
+        if fresh:
+            record = compress(replace(compression.settings, force=True),
+                              Progress(enabled=True, prefix=f"[compress {compression.name}] ")).record
+        else:
+            record = json.loads((compression.settings.output / RECORD).read_text())
+    except GptkilnError as error:
+        return {**outcome, "ok": False, "seconds": round(time.perf_counter() - started, 2), "error": error.to_dict()}
+    except Exception as exc:  # a bug in gptkiln: report it, keep the other builds
+        return {**outcome, "ok": False, "seconds": round(time.perf_counter() - started, 2), "error": _bug(exc)}
+    return {**outcome, "ok": True, "up_to_date": not fresh, "seconds": round(time.perf_counter() - started, 2),
+            "gate": record["gate"], "removed": record["removed"]}
+
+
+def _run_builds(builds: list[MatrixBuild], jobs: int) -> list[dict]:
     if jobs == 1 or len(builds) == 1:
         return [run_one(item) for item in builds]
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -81,10 +146,13 @@ def run_one(item: MatrixBuild) -> dict:
     except GptkilnError as error:
         return {**outcome, "ok": False, "seconds": round(time.perf_counter() - started, 2), "error": error.to_dict()}
     except Exception as exc:  # a bug in gptkiln: report it with the traceback, keep the other builds
-        return {**outcome, "ok": False, "seconds": round(time.perf_counter() - started, 2),
-                "error": {"type": type(exc).__name__, "cause": f"{exc}\n{traceback.format_exc()}",
-                          "fix": "report this bug", "exit_code": 1, "details": None}}
+        return {**outcome, "ok": False, "seconds": round(time.perf_counter() - started, 2), "error": _bug(exc)}
     return {**outcome, "ok": True, "seconds": round(time.perf_counter() - started, 2), "result": result.to_dict()}
+
+
+def _bug(exc: Exception) -> dict:
+    return {"type": type(exc).__name__, "cause": f"{exc}\n{traceback.format_exc()}", "fix": "report this bug",
+            "exit_code": 1, "details": None}
 
 
 def plan_summary(plan: list[dict]) -> str:
@@ -102,6 +170,17 @@ def plan_summary(plan: list[dict]) -> str:
 
 def matrix_summary(outcomes: list[dict]) -> str:
     rows = [("build", "targets", "result", "work", "seconds", "gate", "output")]
+    compressions = {o["compression"]["name"]: o["compression"] for o in outcomes if "compression" in o}
+    for compression in compressions.values():
+        name = f"compress {compression['name']}"
+        if not compression["ok"]:
+            error = compression["error"]
+            rows.append((name, "-", f"FAIL ({error['type']}, exit {error['exit_code']})", "-",
+                         f"{compression['seconds']:.1f}", error["cause"].splitlines()[0][:100], "-"))
+            continue
+        rows.append((name, "-", "PASS", "up to date" if compression["up_to_date"] else "compressed",
+                     f"{compression['seconds']:.1f}", f"ppl {compression['gate']['ppl_increase_pct']:+.2f}% vs the "
+                     "original", compression["output"]))
     for outcome in outcomes:
         if outcome["ok"]:
             result = outcome["result"]

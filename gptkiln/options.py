@@ -3,6 +3,8 @@
 `add_export_arguments` declares every option of `gptkiln export` (argparse); `export_config(values)` turns a
 dict of option values by destination name (the command line's, a build file's `options`, the API's keyword
 arguments) into a checked BuildConfig, with the same defaults and the same errors everywhere.
+`add_compress_arguments` does the same for `gptkiln compress` (its values become CompressSettings in
+compression/settings.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gptkiln.compression.settings import (DEFAULT_MAX_PPL_INCREASE, SPARSITY_PATTERNS, SPARSITY_SCORES,
+                                          CompressSettings, DistillSettings)
 from gptkiln.config import (AccuracyBudget, ActivationCalibration, BuildConfig, CalibrationSettings, EngineSettings,
                             Int4Method, ParitySettings, Precision, QuantSettings, RuntimeSettings, Tolerances)
 from gptkiln.errors import TargetUnavailableError, UsageError
@@ -50,6 +54,44 @@ def export_options() -> dict[str, argparse.Action]:
     """The options of `gptkiln export` by destination name (a build file's `options` use the same)."""
     parser = argparse.ArgumentParser(add_help=False)
     add_export_arguments(parser)
+    return {action.dest: action for action in parser._actions if action.option_strings}
+
+
+def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `gptkiln compress` (a build file's `compress:` entries use the same, without -o/--force)."""
+    defaults, distill = CompressSettings(model="", output=Path(), calibration=Path()), DistillSettings()
+    parser.add_argument("model", help="anything `gptkiln export` takes")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="directory for the compressed checkpoint")
+    parser.add_argument("--calibration", required=True, type=Path,
+                        help="text the importance is measured and the distillation trained on (file, .jsonl, directory)")
+    parser.add_argument("--prune-layers", type=int, default=0, help="whole blocks to remove (the least influential)")
+    parser.add_argument("--prune-mlp", type=float, default=0.0, help="share of every block's MLP channels to remove")
+    parser.add_argument("--prune-heads", type=int, default=0,
+                        help="whole KV groups (a KV head and its query heads) to remove from every block")
+    parser.add_argument("--sparsity", choices=SPARSITY_PATTERNS,
+                        help="semi-structured sparsity of every linear layer in the blocks (TensorRT runs 2:4 on "
+                             "sparse tensor cores; CPU targets run it dense)")
+    parser.add_argument("--sparsity-score", choices=SPARSITY_SCORES, default=defaults.sparsity_score,
+                        help="which 2 of 4 weights stay: wanda (|weight| x input norm) or magnitude (default %(default)s)")
+    parser.add_argument("--distill-steps", type=int, default=distill.steps, help="default %(default)s: no distillation")
+    parser.add_argument("--learning-rate", type=float, default=distill.learning_rate, help="default %(default)s")
+    parser.add_argument("--temperature", type=float, default=distill.temperature, help="default %(default)s")
+    parser.add_argument("--distill-batch", type=int, default=distill.batch, help="windows per step (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=distill.seed, help="default %(default)s")
+    parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples,
+                        help="windows of calibration text (default %(default)s)")
+    parser.add_argument("--calibration-seq-len", type=int, default=defaults.calibration_seq_len, help="default %(default)s")
+    parser.add_argument("--eval-text", type=Path, help="held-out text of the gate (default: the reference model's)")
+    parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens, help="default %(default)s")
+    parser.add_argument("--max-ppl-increase", type=float, default=DEFAULT_MAX_PPL_INCREASE,
+                        help="the gate: perplexity increase allowed against the original, percent (default %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier compressed checkpoint")
+
+
+def compress_options() -> dict[str, argparse.Action]:
+    """The options of `gptkiln compress` by destination name."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_compress_arguments(parser)
     return {action.dest: action for action in parser._actions if action.option_strings}
 
 

@@ -32,6 +32,16 @@ def write(path, text):
      "'hint' is not a per-target setting"),
     ("output: out\nmodels: [reference]\noptions:\n  smoothquant-alpha: 2.0\n", "", "--smoothquant-alpha must be in [0, 1]"),
     ("models: [reference]\n", "", "the key 'output' is missing"),
+    ("output: out\nmodels: [small]\ncompress:\n  small:\n    model: reference\n    calibration: c.txt\n"
+     "    output: elsewhere\n", ":7", "'output' is not a compress option here"),
+    ("output: out\nmodels: [small]\ncompress:\n  small:\n    model: reference\n    prune-mlp: 0.25\n", ":4",
+     "compress entry 'small' has no 'calibration'"),
+    ("output: out\nmodels: [small]\ncompress:\n  small:\n    model: reference\n    calibration: c.txt\n"
+     "    prune-mlp: lots\n", ":7", "'compress.small.prune-mlp' must be a number"),
+    ("output: out\nmodels: [small]\ncompress:\n  small:\n    model: reference\n    calibration: c.txt\n", ":4",
+     "nothing to remove"),
+    ("output: out\nmodels: [reference]\ncompress:\n  small:\n    model: reference\n    calibration: c.txt\n"
+     "    sparsity: '2:4'\n", ":4", "compress entry 'small' is not listed in models"),
     ("output: out\nmodels: [reference\n", "", "not valid YAML"),
 ])
 def test_yaml_mistakes_name_the_key_and_line(tmp_path, capsys, text, where, words):
@@ -102,6 +112,51 @@ def test_a_failed_build_does_not_stop_the_others(tmp_path, capsys, tiny_model_di
     assert "1 of 2 builds failed" not in out  # the table goes to stdout only without --json
     code, out, _ = run_cli(capsys, "build", file)
     assert code == 3 and "1 of 2 builds failed" in out and "PASS" in out
+
+
+def test_a_compressed_model_is_built_after_its_compression_and_reused(tmp_path, capsys, tiny_model_dir,
+                                                                      calibration_text, monkeypatch):
+    """`compress:` makes a checkpoint the matrix exports; a rerun finds it up to date; a failed compression fails
+    its model's builds, unbuilt, and no other."""
+    monkeypatch.setenv("GPTKILN_CACHE_DIR", str(tmp_path / "cache"))
+    llama = tiny_model_dir("llama")
+    file = tmp_path / "kiln.yaml"
+    text = f"""
+        output: out
+        models: [{llama}, narrow]
+        targets: [onnxruntime]
+        compress:
+          narrow:
+            model: reference
+            calibration: {calibration_text}
+            prune-mlp: 0.5
+            distill-steps: 3
+            calibration-samples: 8
+            eval-tokens: 2048
+            max-ppl-increase: BUDGET
+    """
+    write(file, text.replace("BUDGET", "1000"))
+    code, out, _ = run_cli(capsys, "build", file, "--dry-run", "--json")
+    plan = json.loads(out)["plan"]
+    assert [p["name"] for p in plan] == ["compress narrow", f"{llama.name}/fp32", "narrow/fp32"]
+    assert plan[0]["stages"] == {"compress": "build"} and plan[2]["stages"] == {"after compress narrow": "build"}
+    code, out, err = run_cli(capsys, "build", file, "--json")
+    builds = json.loads(out)["builds"]
+    assert code == 0, err
+    checkpoint = tmp_path / "out" / "narrow" / "checkpoint"
+    assert builds[1]["compression"]["output"] == str(checkpoint) and not builds[1]["compression"]["up_to_date"]
+    assert json.loads((checkpoint / "config.json").read_text())["n_inner"] == 384
+    assert json.loads((tmp_path / "out" / "narrow" / "fp32" / "manifest.json").read_text())["model"]["name"] == \
+        str(checkpoint)
+    code, out, _ = run_cli(capsys, "build", file)
+    assert code == 0 and "compress narrow" in out and "up to date" in out
+
+    write(file, text.replace("BUDGET", "0.001"))  # the settings changed: compressed again, and refused
+    code, out, _ = run_cli(capsys, "build", file, "--json")
+    builds = json.loads(out)["builds"]
+    assert code == 9 and builds[0]["ok"] and not builds[1]["ok"]
+    assert builds[1]["error"]["cause"].startswith("compress narrow: compression gate failed")
+    assert not builds[1]["compression"]["ok"]
 
 
 def test_rebuild_from_scratch_is_byte_identical(tmp_path, monkeypatch):

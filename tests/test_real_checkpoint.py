@@ -86,3 +86,16 @@ def test_smollm2_chat_is_what_transformers_chat_generates(smollm2_build, smollm2
     reply = gptkiln.load(output, "onnxruntime").generate(message, chat=True, max_new_tokens=48)
     assert reply == expected and "Paris" in reply
     assert native.shape[1] - len(ids) < 48  # it stopped at <|im_end|>, and so did gptkiln
+
+
+def test_a_gguf_checkpoint_compresses_into_a_standard_checkpoint(smollm2_gguf, calibration_text, tmp_path):
+    """transformers marks a GGUF load quantized and would refuse to save it: compress must write it anyway."""
+    import json
+
+    import gptkiln
+
+    result = gptkiln.compress(str(smollm2_gguf), tmp_path / "sparse", calibration=calibration_text, sparsity="2:4",
+                              calibration_samples=4, eval_tokens=1024, max_ppl_increase=1e6)
+    config = json.loads((tmp_path / "sparse" / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    assert result.record["removed"]["sparsity"]["layers"] == 30 * 7  # q, k, v, o, gate, up, down in every block

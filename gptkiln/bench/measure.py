@@ -69,6 +69,7 @@ class Variant:
     artifact_bytes: int | None = None
     weight_bytes: int | None = None  # per decode step, from the files (None: the loader reports it)
     kv_element_bytes: int = 4  # the KV cache's element size at run time
+    spec: dict | None = None  # its model's DecoderSpec where it is not the run's (a pruned model): the cache's size
 
 
 def available_cores() -> int:

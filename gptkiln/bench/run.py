@@ -110,7 +110,7 @@ def engine_variant(label: str, target: str, precision: Precision, directory: Pat
     return Variant(name=label, precision=precision.value, output=str(output) if output else None, target=target,
                    load=partial(load_target, target, str(directory), spec),
                    artifact_bytes=sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()),
-                   weight_bytes=engine_weight_bytes(directory), kv_element_bytes=2 if precision.half else 4)
+                   weight_bytes=engine_weight_bytes(directory), kv_element_bytes=2 if precision.half else 4, spec=spec)
 
 
 def output_variants(output: Path, manifest: dict) -> list[Variant]:
@@ -198,6 +198,7 @@ def _row(variant: Variant, measured: dict, spec: DecoderSpec, settings: BenchSet
     weights = facts.get("weight_bytes", variant.weight_bytes)
     kv_element_bytes = facts.get("kv_element_bytes", variant.kv_element_bytes)
     context = settings.prompt_tokens + settings.new_tokens // 2  # the mean length of the cache over the decode
+    spec = DecoderSpec.from_dict(variant.spec) if variant.spec else spec
     for batch, decode in measured["decode"].items():
         step_bytes = weights + kv_cache_bytes(spec, int(batch), context, kv_element_bytes)
         decode["floor_ms"] = step_bytes / (bandwidth["gb_per_s"] * 1e9) * 1e3

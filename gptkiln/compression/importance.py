@@ -60,7 +60,16 @@ def measure(model, spec: DecoderSpec, windows: np.ndarray, mlp: bool, heads: boo
                 accumulate(mlp_sq, index)))
         if heads:
             hooks.append(block.self_attn.o_proj.register_forward_pre_hook(accumulate(head_sq, index, per_group)))
-    bar = progress.bar(-(-len(windows) // BATCH), "importance", "batches")
+    hooked_pass(model, windows, hooks, "importance", progress)
+    influence = [float(1.0 - torch.cat(c).mean()) for c in cosines]
+    return Importance(influence, [s.sqrt() for s in mlp_sq] if mlp else [], [s.sqrt() for s in head_sq] if heads else [])
+
+
+@torch.no_grad()
+def hooked_pass(model, windows: np.ndarray, hooks: list, label: str, progress: Progress = QUIET) -> None:
+    """Run the model over the calibration windows (BATCH at a time, a progress bar), then remove the hooks that
+    collect what the caller measures."""
+    bar = progress.bar(-(-len(windows) // BATCH), label, "batches")
     try:
         for start in range(0, len(windows), BATCH):
             ids = torch.from_numpy(windows[start:start + BATCH])
@@ -70,8 +79,6 @@ def measure(model, spec: DecoderSpec, windows: np.ndarray, mlp: bool, heads: boo
         for hook in hooks:
             hook.remove()
         bar.close()
-    influence = [float(1.0 - torch.cat(c).mean()) for c in cosines]
-    return Importance(influence, [s.sqrt() for s in mlp_sq] if mlp else [], [s.sqrt() for s in head_sq] if heads else [])
 
 
 def least_important_blocks(importance: Importance, count: int) -> list[int]:

@@ -30,6 +30,7 @@ from gptkiln.errors import ParityError
 from gptkiln.extras import require_export_stack
 from gptkiln.output_dir import check_output, make_work_dir, publish
 from gptkiln.progress import QUIET, Progress
+from gptkiln.stage_cache import stage_key
 
 RECORD = "compression.json"
 LOSS_CURVE = "distillation.png"
@@ -94,6 +95,7 @@ def compress(settings: CompressSettings, progress: Progress = QUIET) -> Compress
             accuracy = evaluation.measure(TorchRunner(pruned.model, pruned.spec), progress)
         record = _record(settings, original, pruned, removed, scores, calibration.source, distilled, accuracy,
                          time.perf_counter() - started)
+        record["key"] = request_key(settings)
         if accuracy.ppl_increase_pct > settings.max_ppl_increase:
             error = ParityError(
                 f"compression gate failed: perplexity {accuracy.ppl_reference:.3f} -> {accuracy.ppl:.3f} "
@@ -114,6 +116,23 @@ def compress(settings: CompressSettings, progress: Progress = QUIET) -> Compress
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+def request_key(settings: CompressSettings) -> str:
+    """A hash of everything the checkpoint depends on (the model's files, the settings, the texts' content,
+    gptkiln's source): a build file reuses a checkpoint whose compression.json holds the same key."""
+    from gptkiln.build_plan import source_digest, texts_digest
+    from gptkiln.models.loading import model_source
+
+    request = {k: v for k, v in asdict(settings).items() if k not in ("model", "output", "force", "calibration", "eval_text")}
+    return stage_key("compress", model_source(settings.model)["sha256"], request,
+                     texts_digest(read_texts(settings.calibration)), texts_digest(EvalText.read(settings.eval_text).texts),
+                     source_digest())
+
+
+def up_to_date(settings: CompressSettings) -> bool:
+    record = settings.output.expanduser() / RECORD
+    return record.is_file() and json.loads(record.read_text()).get("key") == request_key(settings)
 
 
 def _pruned(original, settings: CompressSettings, scores: imp.Importance):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from gptkiln.errors import UsageError
@@ -48,7 +48,8 @@ class CompressSettings:
     max_ppl_increase: float = DEFAULT_MAX_PPL_INCREASE
     force: bool = False
 
-    def check(self, num_layers: int) -> None:
+    def check(self, num_layers: int | None = None) -> None:
+        """Refuse a request that cannot work; `num_layers` None: before the model is loaded (a build file)."""
         if not (self.prune_layers or self.prune_mlp or self.prune_heads or self.sparsity):
             raise UsageError("nothing to remove",
                              "pass --prune-layers N, --prune-mlp RATIO, --prune-heads N or --sparsity 2:4")
@@ -56,7 +57,9 @@ class CompressSettings:
             raise UsageError(f"--sparsity knows {', '.join(SPARSITY_PATTERNS)} and --sparsity-score "
                              f"{' or '.join(SPARSITY_SCORES)}, got {self.sparsity!r} / {self.sparsity_score!r}",
                              "e.g. --sparsity 2:4 --sparsity-score wanda")
-        if not 0 <= self.prune_layers < num_layers:
+        if self.prune_layers < 0:
+            raise UsageError(f"--prune-layers must be >= 0, got {self.prune_layers}", "pass a block count")
+        if num_layers is not None and self.prune_layers >= num_layers:
             raise UsageError(f"--prune-layers must be 0 to {num_layers - 1} for this {num_layers}-block model, "
                              f"got {self.prune_layers}", "pass a smaller count")
         if not 0 <= self.prune_mlp < 1:
@@ -68,3 +71,25 @@ class CompressSettings:
             raise UsageError("--max-ppl-increase must be > 0", "give a percentage, e.g. 25")
 
 
+
+
+DISTILL_OPTIONS = {"distill_steps": "steps", "learning_rate": "learning_rate", "temperature": "temperature",
+                   "distill_batch": "batch", "seed": "seed"}  # option name -> DistillSettings field
+
+
+def compress_settings(model: str, output: Path, calibration: Path, **options) -> CompressSettings:
+    """CompressSettings from option values by `gptkiln compress`'s destination names (the command line's, the API's
+    keyword arguments, a build file's `compress:` entry); None or absent: the default. `seed` seeds both the
+    calibration windows and the distillation."""
+    options = {name: value for name, value in options.items() if value is not None}
+    unknown = set(options) - set(DISTILL_OPTIONS) - {f.name for f in fields(CompressSettings)}
+    if unknown:
+        raise UsageError(f"unknown compress option(s): {', '.join(sorted(unknown))}",
+                         "use the names of `gptkiln compress --help` with _ for -")
+    distill = DistillSettings(**{DISTILL_OPTIONS[name]: options.pop(name) for name in list(options)
+                                 if name in DISTILL_OPTIONS and name != "seed"}, seed=options.get("seed", 0))
+    if "seed" in options:
+        options["calibration_seed"] = options.pop("seed")
+    if options.get("eval_text") is not None:
+        options["eval_text"] = Path(options["eval_text"])
+    return CompressSettings(model=model, output=Path(output), calibration=Path(calibration), distill=distill, **options)

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from gptkiln.compression.importance import hooked_pass
 from gptkiln.graph.sparsity import GROUP, KEPT, is_two_four
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.progress import QUIET, Progress
-
-BATCH = 4
 
 
 def sparse_layers(model, spec: DecoderSpec) -> dict[str, nn.Module]:
@@ -87,15 +86,6 @@ def _input_norms(model, layers: dict[str, nn.Module], windows: np.ndarray, progr
             squares[name] = squares[name] + total if name in squares else total
         return accumulate
 
-    hooks = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
-    bar = progress.bar(-(-len(windows) // BATCH), "input norms", "batches")
-    try:
-        for start in range(0, len(windows), BATCH):
-            ids = torch.from_numpy(windows[start:start + BATCH])
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
-            bar.step()
-    finally:
-        for handle in hooks:
-            handle.remove()
-        bar.close()
+    hooked_pass(model, windows, [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()],
+                "input norms", progress)
     return {name: total.sqrt() for name, total in squares.items()}

@@ -64,4 +64,14 @@ def load_gguf(path: Path):
         raise UnsupportedModelError(f"transformers cannot load '{path.name}': {str(exc).splitlines()[0][:300]}",
                                     "convert the model to a transformers directory, or use a supported "
                                     "GGUF architecture") from None
+    _forget_gguf_quantization(model)
     return model.eval(), tokenizer
+
+
+def _forget_gguf_quantization(model) -> None:
+    """The weights are plain float32 now; transformers still marks the model GGUF-quantized, which makes
+    save_pretrained refuse it ("not serializable"). gptkiln compress saves such a model."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
