@@ -134,21 +134,10 @@ def _compression(where, name: str, entry, base: Path, root: Path) -> Compression
         if required not in entry:
             raise ConfigError(f"{where(*key)}: compress entry '{name}' has no '{required}'",
                               f"add '{required}:' (what to compress, and the text to measure and distil on)")
-    actions = compress_options()
-    values = {}
-    for option, value in entry.items():
-        dest = option.replace("-", "_")
-        if dest == "model":
-            values[dest] = _model_arg(_expect(where, (*key, option), value, str), base)
-            continue
-        if dest in NOT_IN_COMPRESS or dest not in actions:
-            raise ConfigError(f"{where(*key, option)}: '{option}' is not a compress option here",
-                              "use `model` and the long options of `gptkiln compress --help` without the dashes "
-                              "(the checkpoint goes to <output>/<name>/checkpoint)")
-        values[dest] = _option_value(where, (*key, option), value, actions[dest])
-        if dest in PATH_OPTIONS and values[dest] is not None:
-            values[dest] = base / values[dest]
-    model, calibration = values.pop("model"), values.pop("calibration")
+    model = _model_arg(_expect(where, (*key, "model"), entry["model"], str), base)
+    values = _options(where, key, {k: v for k, v in entry.items() if k != "model"}, compress_options(), base,
+                      "compress", NOT_IN_COMPRESS, "the checkpoint goes to <output>/<name>/checkpoint")
+    calibration = values.pop("calibration")
     try:
         settings = compress_settings(model, root / name / CHECKPOINT, calibration, **values)
         settings.check()
@@ -180,16 +169,24 @@ def _matrix_build(where, model: str, model_arg: str, precision: str, targets: li
     return MatrixBuild(name, replace(config, runtime_overrides=runtime), skipped)
 
 
-def _options(where, key: tuple, raw: dict, actions: dict, base: Path) -> dict:
+EXAMPLE_OPTION = {"export": "int4-method", "compress": "prune-mlp"}
+
+
+def _options(where, key: tuple, raw: dict, actions: dict, base: Path, command: str = "export",
+             refused: set[str] = STRUCTURAL,
+             why_refused: str = "the file's own keys say what is built: output, models, precisions, targets") -> dict:
+    """Option values of `gptkiln COMMAND` by destination name, each checked against its argparse action;
+    `refused`: the options the file sets by its own keys. Paths are made relative to the file."""
+    kind = "an option" if command == "export" else f"a {command} option"
     options = {}
     for name, value in raw.items():
         dest = name.replace("-", "_")
-        if dest in STRUCTURAL:
-            raise ConfigError(f"{where(*key, name)}: '{name}' is not an option here",
-                              "the file's own keys say what is built: output, models, precisions, targets")
+        if dest in refused:
+            raise ConfigError(f"{where(*key, name)}: '{name}' is not {kind} here", why_refused)
         if dest not in actions:
             raise ConfigError(f"{where(*key, name)}: unknown option '{name}'",
-                              "use a long option of `gptkiln export --help` without the dashes, e.g. int4-method")
+                              f"use a long option of `gptkiln {command} --help` without the dashes, e.g. "
+                              f"{EXAMPLE_OPTION[command]}")
         action = actions[dest]
         options[dest] = _option_value(where, (*key, name), value, action)
         if dest in PATH_OPTIONS and options[dest] is not None:

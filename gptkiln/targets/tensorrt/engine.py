@@ -3,8 +3,8 @@
 Strongly typed: every layer runs in the type the graph gives it (fp32, the fp16/bf16 graph of
 gptkiln.graph.half, or the explicit Q/DQ of calibration), so no precision builder flag is set
 and TF32 is turned off (fp32 builds are held to fp32 parity). A graph with 2:4 sparse weights gets
-SPARSE_WEIGHTS: TensorRT may then pick sparse tensor-core kernels for those layers where they are faster. Two optimization profiles
-(profiles.py). The timing cache is read before and written after every build: rebuilds on the
+SPARSE_WEIGHTS: TensorRT may then pick sparse tensor-core kernels for those layers where they are faster.
+Two optimization profiles (profiles.py). The timing cache is read before and written after every build: rebuilds on the
 same GPU and TensorRT version reuse the kernel choices, so they are fast and pick the same kernels.
 """
 
