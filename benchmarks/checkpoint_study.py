@@ -14,14 +14,16 @@ from gptkiln.models.loading import load_model
 from gptkiln.summary import text_table
 
 
-def study_inputs(description: str, results_name: str):
+def study_inputs(description: str, results_name: str, add_arguments=None):
     """(args, LoadedModel, Evaluation over the first 8192 tokens, CalibrationSet) for MODEL --calibration DIR
-    --eval-text FILE [--out FILE] (default: results/<results_name>)."""
+    --eval-text FILE [--out FILE] (default: results/<results_name>); `add_arguments(parser)` adds a script's own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("model")
     parser.add_argument("--calibration", type=Path, required=True)
     parser.add_argument("--eval-text", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / results_name)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args()
     loaded = load_model(args.model)
     evaluation = Evaluation.prepare(loaded, EvalText.read(args.eval_text), 8192)

@@ -30,7 +30,8 @@ from fusion_speed import feeds, ort_session, timed
 from gptkiln.calibration.data import calibration_set, read_texts
 from gptkiln.calibration.perplexity import EvalText, Evaluation
 from gptkiln.calibration.quantize import prepare, quantize
-from gptkiln.config import AccuracyBudget, CalibrationSettings, Int4Method, Precision, QuantSettings
+from gptkiln.config import (AccuracyBudget, ActivationCalibration, CalibrationSettings, Int4Method, Precision,
+                            QuantSettings)
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.models.loading import load_model
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, OnnxRuntimeTarget, create_session
@@ -42,8 +43,10 @@ STDLIB_FILES = ("argparse.py", "typing.py", "inspect.py", "dataclasses.py", "pat
 VARIANTS = {  # name: (precision, settings changes)
     "fp32": (Precision.FP32, {}),
     "int8-dynamic": (Precision.INT8_DYNAMIC, {}),
-    "w8a8 (no SmoothQuant)": (Precision.W8A8, {"smoothquant_alpha": None}),
-    "w8a8 (SmoothQuant 0.5)": (Precision.W8A8, {}),
+    "w8a8 (no SmoothQuant, no float channels)": (Precision.W8A8, {"smoothquant_alpha": None, "float_channels": False}),
+    "w8a8 (SmoothQuant 0.5, percentile)": (Precision.W8A8, {"smoothquant_alpha": 0.5,
+                                                            "activations": ActivationCalibration.PERCENTILE}),
+    "w8a8 (defaults: α searched, minmax, float channels)": (Precision.W8A8, {}),
     "int4 rtn": (Precision.INT4, {"int4_method": Int4Method.RTN}),
     "int4 gptq": (Precision.INT4, {"int4_method": Int4Method.GPTQ}),
 }

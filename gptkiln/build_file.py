@@ -27,6 +27,7 @@ key is reused); the builds of a model whose compression fails fail with its erro
 
 from __future__ import annotations
 
+import argparse
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -199,6 +200,11 @@ def _option_value(where, key: tuple, value, action):
         return _expect(where, key, value, bool)
     if value is None:
         return None
+    if action.type not in (None, int, float, str, Path):  # its own parser of text: e.g. a number or "auto"
+        try:
+            return action.type(str(_expect(where, key, value, (str, int, float))))
+        except argparse.ArgumentTypeError as error:
+            raise ConfigError(f"{where(*key)}: '{'.'.join(map(str, key))}': {error}", "fix the value in the file")
     kind = action.type if action.type in (int, float) else str
     value = _expect(where, key, value, kind)
     if action.choices and value not in action.choices:
@@ -252,7 +258,7 @@ def _choice(where, key: tuple, value, allowed: list[str]) -> str:
 
 
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
-              dict: "a mapping"}
+              dict: "a mapping", (str, int, float): "a number or a word"}
 
 
 def _expect(where, key: tuple, value, kind):

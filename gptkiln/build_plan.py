@@ -72,7 +72,7 @@ def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
                 "budget": asdict(quant.budget_for(precision))}
     if precision is Precision.W8A8:
         settings.update(activations=quant.activations.value, percentile=quant.percentile,
-                        smoothquant_alpha=quant.smoothquant_alpha)
+                        smoothquant_alpha=quant.smoothquant_alpha, float_channels=quant.float_channels)
     calibrated_dynamic = precision is Precision.INT8_DYNAMIC and quant.calibration.path is not None
     if calibrated_dynamic:  # SmoothQuant from the calibration text
         settings.update(smoothquant_alpha=quant.smoothquant_alpha)

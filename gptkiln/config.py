@@ -99,12 +99,22 @@ class CalibrationSettings:
     seed: int = 0
 
 
+AUTO_ALPHA = "auto"  # SmoothQuant's α searched per activation (calibration/smoothquant.py)
+# int8-dynamic's α under "auto": its per-token scales are not what the search models. All layers int8 on SmolLM2
+# (benchmarks/RESULTS.md): 0.5 +1.81%, 0.6 +1.63%, 0.7 +1.68%, none +5.18%; 0.5 is what its passing build used
+DYNAMIC_ALPHA = 0.5
+
+
 @dataclass(frozen=True)
 class QuantSettings:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
-    activations: ActivationCalibration = ActivationCalibration.PERCENTILE
+    # minmax: a Llama's massive activations (a few tokens, hundreds of times the rest) are attention sinks, and
+    # percentile 99.99 clips them; SmolLM2 W8A8, every layer int8: +3.8% minmax, +5.7% percentile (benchmarks/RESULTS.md)
+    activations: ActivationCalibration = ActivationCalibration.MINMAX
     percentile: float = 99.99
-    smoothquant_alpha: float | None = 0.5  # None: no SmoothQuant (W8A8 only)
+    # "auto": searched per activation (W8A8; int8-dynamic's per-token scales take DYNAMIC_ALPHA); None: no SmoothQuant
+    smoothquant_alpha: float | str | None = AUTO_ALPHA
+    float_channels: bool = True  # W8A8: an activation's outlier channels computed in float beside the int8 product
     # measured (benchmarks/RESULTS.md): SmolLM2 +21.98% GPTQ -> +10.41% AWQ + GPTQ (with the int4 range search);
     # the reference +0.14% -> +0.10%
     int4_method: Int4Method = Int4Method.AWQ_GPTQ

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from gptkiln.compression.settings import (DEFAULT_MAX_PPL_INCREASE, SPARSITY_PATTERNS, SPARSITY_SCORES,
                                           CompressSettings, DistillSettings)
-from gptkiln.config import (AccuracyBudget, ActivationCalibration, BuildConfig, CalibrationSettings, EngineSettings,
-                            Int4Method, ParitySettings, Precision, QuantSettings, RuntimeSettings, Tolerances)
+from gptkiln.config import (AUTO_ALPHA, DYNAMIC_ALPHA, AccuracyBudget, ActivationCalibration, BuildConfig,
+                            CalibrationSettings, EngineSettings, Int4Method, ParitySettings, Precision, QuantSettings,
+                            RuntimeSettings, Tolerances)
 from gptkiln.errors import TargetUnavailableError, UsageError
 
 
@@ -112,9 +113,13 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--activations", choices=[m.value for m in ActivationCalibration], default=defaults.activations.value,
                        help="W8A8 activation range calibration (default %(default)s)")
     group.add_argument("--percentile", type=float, default=defaults.percentile, help="for --activations percentile")
-    group.add_argument("--smoothquant-alpha", type=float, default=defaults.smoothquant_alpha,
-                       help="SmoothQuant migration strength in [0, 1] (W8A8; default %(default)s)")
+    group.add_argument("--smoothquant-alpha", type=smoothquant_alpha_value, default=defaults.smoothquant_alpha,
+                       help="SmoothQuant migration strength in [0, 1], or auto: searched per activation for W8A8, "
+                            f"{DYNAMIC_ALPHA} for int8-dynamic (default %(default)s)")
     group.add_argument("--no-smoothquant", action="store_true", help="W8A8 without SmoothQuant")
+    group.add_argument("--no-float-channels", action="store_true",
+                       help="W8A8 with every activation channel in int8 (default: the few outlier channels of an "
+                            "activation, max |x| >= 32x the median channel's, are multiplied in float)")
     group.add_argument("--int4-method", choices=[m.value for m in Int4Method], default=defaults.int4_method.value,
                        help="int4 rounding (gptq and awq-gptq need --calibration; default %(default)s)")
     group.add_argument("--int4-block-size", type=int, default=defaults.int4_block_size,
@@ -156,13 +161,24 @@ def engine_settings(args) -> EngineSettings:  # checked by the TensorRT target b
                           version_compatible=args.trt_version_compatible)
 
 
+def smoothquant_alpha_value(text: str) -> float | str:
+    """--smoothquant-alpha: "auto" or a number in [0, 1]."""
+    if text == AUTO_ALPHA:
+        return AUTO_ALPHA
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = None
+    if alpha is None or not 0 <= alpha <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or '{AUTO_ALPHA}', got {text!r}")
+    return alpha
+
+
 def _quant_settings(args) -> QuantSettings:
     precision = Precision(args.quantize)
     if args.calibration_samples < 1 or args.calibration_seq_len < 32 or args.eval_tokens < 128:
         raise UsageError("--calibration-samples must be >= 1, --calibration-seq-len >= 32, --eval-tokens >= 128",
                          "fix the option values")
-    if args.smoothquant_alpha is not None and not 0 <= args.smoothquant_alpha <= 1:
-        raise UsageError(f"--smoothquant-alpha must be in [0, 1], got {args.smoothquant_alpha}", "fix the value")
     for option, size in (("--int4-block-size", args.int4_block_size), ("--int8-block-size", args.int8_block_size)):
         if size < 16 or size & (size - 1):
             raise UsageError(f"{option} must be a power of two >= 16, got {size}", "use 32, 64 or 128")
@@ -179,6 +195,7 @@ def _quant_settings(args) -> QuantSettings:
     return QuantSettings(calibration=calibration, activations=ActivationCalibration(args.activations),
                          percentile=args.percentile,
                          smoothquant_alpha=None if args.no_smoothquant else args.smoothquant_alpha,
+                         float_channels=not args.no_float_channels,
                          int4_method=Int4Method(args.int4_method), int4_block_size=args.int4_block_size,
                          int4_symmetric=args.int4_symmetric, int8_block_size=args.int8_block_size,
                          fallback=not args.no_fallback,

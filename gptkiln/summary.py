@@ -63,7 +63,10 @@ def _quant_line(quantization: dict) -> str:
     kept = ", ".join(quantization.get("kept", quantization.get("kept_fp32", []))) or "none"  # kept_fp32: older
     kept_precision = quantization.get("kept_precision", "fp32")
     smoothed = len(quantization["smoothing"])
+    alphas = sorted({s["alpha"] for s in quantization["smoothing"] if "alpha" in s})  # absent from earlier manifests
+    searched = f" (α searched: {alphas[0]:g} to {alphas[-1]:g})" if len(alphas) > 1 else ""
     scaled = sum(1 for s in quantization.get("scaling", []) if s["alpha"] > 0)  # absent from earlier manifests
+    floating = quantization.get("float_channels", {})  # absent from earlier manifests
     method = quantization["method"]
     details = ", ".join(f"{k} {v}" for k, v in method.items())
     narrowed = Counter(quantization.get("narrowed_blocks", {}).values())  # absent from earlier builds' manifests
@@ -71,8 +74,10 @@ def _quant_line(quantization: dict) -> str:
     bits_line = "".join(f"; {value:.2f} bits per weight ({where.replace('_', ' ')})" for where, value in bits.items()
                         if value is not None)
     return (f"{quantization['layers_quantized']}/{quantization['layers_total']} linear layers quantized "
-            f"({details}); kept in {kept_precision}: {kept}" + (f"; SmoothQuant on {smoothed} activations" if smoothed else "")
+            f"({details}); kept in {kept_precision}: {kept}"
+            + (f"; SmoothQuant on {smoothed} activations{searched}" if smoothed else "")
             + (f"; AWQ scales on {scaled} activations" if scaled else "")
+            + (f"; {sum(map(len, floating.values()))} channels of {len(floating)} activations in float" if floating else "")
             + "".join(f"; {n} layers in blocks of {block} (their input size)" for block, n in sorted(narrowed.items()))
             + bits_line)
 

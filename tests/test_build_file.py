@@ -30,7 +30,9 @@ def write(path, text):
     ("output: out\nmodels: [reference]\nprecisions:\n  - fp32\n  - int3\n", ":5", "'precisions.1' is 'int3'"),
     ("output: out\nmodels: [reference]\ntarget_options:\n  openvino: {threads: 2, hint: fast}\n", ":4",
      "'hint' is not a per-target setting"),
-    ("output: out\nmodels: [reference]\noptions:\n  smoothquant-alpha: 2.0\n", "", "--smoothquant-alpha must be in [0, 1]"),
+    ("output: out\nmodels: [reference]\noptions:\n  smoothquant-alpha: 2.0\n", ":4",
+     "expected a number in [0, 1] or 'auto', got '2.0'"),
+    ("output: out\nmodels: [reference]\noptions:\n  smoothquant-alpha: [0.5]\n", ":4", "must be a number or a word"),
     ("models: [reference]\n", "", "the key 'output' is missing"),
     ("output: out\nmodels: [small]\ncompress:\n  small:\n    model: reference\n    calibration: c.txt\n"
      "    output: elsewhere\n", ":7", "'output' is not a compress option here"),
@@ -182,3 +184,12 @@ def _rtn():
     from gptkiln.config import Int4Method, QuantSettings
 
     return QuantSettings(int4_method=Int4Method.RTN)
+
+
+@pytest.mark.parametrize("value, alpha", [("auto", "auto"), ("0.7", 0.7), ("1", 1.0)])
+def test_smoothquant_alpha_is_a_number_or_auto_in_a_build_file(tmp_path, value, alpha):
+    from gptkiln.build_file import read_build_file
+
+    path = write(tmp_path / "kiln.yaml", f"output: out\nmodels: [reference]\nprecisions: [w8a8]\n"
+                                         f"options:\n  smoothquant-alpha: {value}\n")
+    assert [build.config.quant.smoothquant_alpha for build in read_build_file(path).builds] == [alpha]

@@ -185,6 +185,14 @@ def test_bad_tolerance_options(tmp_path, capsys, bad):
     assert main(["verify", str(tmp_path), *bad]) == 2
 
 
+@pytest.mark.parametrize("alpha", ["1.5", "best"])
+def test_smoothquant_alpha_is_a_number_in_range_or_auto(tmp_path, capsys, alpha):
+    with pytest.raises(SystemExit) as exited:  # argparse's refusal, before anything is loaded
+        main(["export", "reference", "-o", str(tmp_path / "out"), "--quantize", "w8a8", "--smoothquant-alpha", alpha])
+    assert exited.value.code == 2 and f"expected a number in [0, 1] or 'auto', got '{alpha}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("argv", [["verify", "{tmp}/missing"], ["generate", "{tmp}/missing", "--prompt", "x"]])
 def test_verify_and_generate_on_a_non_output(tmp_path, capsys, argv):
     code, _, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in argv])

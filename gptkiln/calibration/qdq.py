@@ -70,25 +70,58 @@ def _entropy_bins(hist: np.ndarray) -> int:
     return best
 
 
-def quantize_w8a8(model: ir.Model, layers: list[LinearLayer], thresholds: dict[str, float]) -> None:
+def quantize_w8a8(model: ir.Model, layers: list[LinearLayer], thresholds: dict[str, float],
+                  floating: dict[str, np.ndarray] | None = None) -> None:
+    """`thresholds`: each activation's |x| at int8 127. `floating`: an activation's input channels kept out of
+    int8 (LLM.int8()'s decomposition): Gather(x, channels) @ W[channels] in float, added to the int8 product of
+    x with those channels zeroed (Mul by a 0/1 mask) and W without their rows. Not for a graph output's layer."""
+    floating = floating or {}
     dequantized: dict[str, ir.Value] = {}
+    gathered: dict[str, ir.Value] = {}
     for layer in layers:
         name = layer.activation.name
+        channels = floating.get(name, np.zeros(0, np.int64))
+        if len(channels) and layer.node.outputs[0].is_graph_output():
+            raise ValueError(f"{layer.name}: a layer whose output is a graph output cannot keep channels in float")
         if name not in dequantized:
+            nodes, source = [], layer.activation
+            if len(channels):
+                mask = np.ones(layer.weight().shape[0], np.float32)
+                mask[channels] = 0
+                masked = ir.node("Mul", [source, initializer(model, f"{name}.int8_channels", mask)])
+                kept = ir.node("Gather", [source, initializer(model, f"{name}.float_channels", channels.astype(np.int64))],
+                               attributes={"axis": -1})
+                nodes, source, gathered[name] = [masked, kept], masked.outputs[0], kept.outputs[0]
             scale = initializer(model, f"{name}.scale", np.asarray(max(thresholds[name], 1e-12) / INT8_MAX, np.float32))
             zero = initializer(model, f"{name}.zero_point", np.asarray(0, np.int8))
-            quantize = ir.node("QuantizeLinear", [layer.activation, scale, zero])
+            quantize = ir.node("QuantizeLinear", [source, scale, zero])
             dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], scale, zero])
-            _insert_after_producer(model, layer.activation, [quantize, dequantize])
+            _insert_after_producer(model, layer.activation, [*nodes, quantize, dequantize])
             dequantized[name] = dequantize.outputs[0]
         layer.node.replace_input_with(0, dequantized[name])
-        codes, scales = weight_int8(layer.weight())
+        weight = layer.weight()
+        if len(channels):
+            _add_float_part(model, layer, gathered[name], weight[channels])
+            weight = weight.copy()
+            weight[channels] = 0
+        codes, scales = weight_int8(weight)
         weight = ir.node("DequantizeLinear", [initializer(model, f"{layer.name}.int8", codes),
                                               initializer(model, f"{layer.name}.scale", scales),
                                               initializer(model, f"{layer.name}.zero_point", np.zeros_like(scales, np.int8))],
                          attributes={"axis": 1})
         model.graph.insert_before(layer.node, weight)
         layer.node.replace_input_with(1, weight.outputs[0])
+
+
+def _add_float_part(model: ir.Model, layer: LinearLayer, x_float: ir.Value, rows: np.ndarray) -> None:
+    """layer output + x_float @ rows, for every reader of the layer's output."""
+    output = layer.node.outputs[0]
+    product = ir.node("MatMul", [x_float, initializer(model, f"{layer.name}.float_rows", rows.astype(np.float32))])
+    total = ir.node("Add", [output, product.outputs[0]])
+    for reader, index in list(output.uses()):
+        if reader is not total:
+            reader.replace_input_with(index, total.outputs[0])
+    model.graph.insert_after(layer.node, [product, total])
 
 
 def quantize_dynamic(model: ir.Model, layers: list[LinearLayer]) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from gptkiln.calibration.awq import Scaled, awq_scale
@@ -28,10 +29,11 @@ from gptkiln.calibration.data import CalibrationSet
 from gptkiln.calibration.layers import linear_bits, linear_layers, weight_bits
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
 from gptkiln.calibration.qdq import activation_threshold, quantize_dynamic, quantize_w8a8
-from gptkiln.calibration.smoothquant import Smoothed, smooth
+from gptkiln.calibration.smoothquant import FLOAT_RATIO, FLOAT_SHARE, Smoothed, float_channels, smooth
 from gptkiln.calibration.statistics import collect
 from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, quantize_weights
-from gptkiln.config import AccuracyBudget, ActivationCalibration, Int4Method, Precision, QuantSettings
+from gptkiln.config import (AUTO_ALPHA, DYNAMIC_ALPHA, AccuracyBudget, ActivationCalibration, Int4Method, Precision,
+                            QuantSettings)
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.progress import QUIET, Progress
@@ -80,6 +82,7 @@ class QuantResult:
     # stored bits (codes, scales, zero points; fp32 weights at 32) over the fp32 model's weights: "model" over every
     # weight tensor (embeddings included, a tied table once), "linear_layers" over the linear layers (weight-only)
     bits_per_weight: dict[str, float | None] = field(default_factory=dict)
+    float_channels: dict[str, list[int]] = field(default_factory=dict)  # W8A8: activation -> channels kept in float
 
     @property
     def accuracy(self) -> AccuracyReport:
@@ -92,22 +95,40 @@ class QuantResult:
                 "smoothing": [s.to_dict() for s in self.smoothing], "scaling": [s.to_dict() for s in self.scaling],
                 "calibration": self.calibration, "statistics_cached": self.statistics_cached,
                 "accuracy": self.accuracy.to_dict(), "trials": [t.to_dict() for t in self.trials],
-                "sensitivity": self.sensitivity, "bits_per_weight": self.bits_per_weight}
+                "sensitivity": self.sensitivity, "bits_per_weight": self.bits_per_weight,
+                "float_channels": self.float_channels}
 
 
 def method_description(precision: Precision, settings: QuantSettings, calibrated: bool = True) -> dict:
     if precision is Precision.W8A8:
         return {"weights": "int8 symmetric per output channel", "activations": "int8 symmetric per tensor",
+                "float_channels": f"max |x| >= {FLOAT_RATIO:g} x the median channel's, at most 1/{1 / FLOAT_SHARE:g}"
+                                  if settings.float_channels else None,
                 "calibration": settings.activations.value,
                 **({"percentile": settings.percentile} if settings.activations is ActivationCalibration.PERCENTILE else {}),
-                "smoothquant_alpha": settings.smoothquant_alpha}
+                "smoothquant_alpha": smoothquant_alpha(precision, settings)}
     if precision is Precision.INT8_DYNAMIC:
         return {"weights": "int8 symmetric per output channel", "activations": "int8 symmetric per token, at run time",
-                "smoothquant_alpha": settings.smoothquant_alpha if calibrated else None}
+                "smoothquant_alpha": smoothquant_alpha(precision, settings) if calibrated else None}
     if precision is Precision.INT8:
         return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows", "rounding": "rtn"}
     return {"weights": f"int4 {'symmetric' if settings.int4_symmetric else 'asymmetric'} "
                        f"blocks of {settings.int4_block_size} input rows", "rounding": settings.int4_method.value}
+
+
+def _float_channels(layers, absmax: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """W8A8: each activation's channels kept in float (smoothquant.float_channels), where it has any and no layer
+    reading it writes a graph output."""
+    writes_output = {layer.activation.name for layer in layers if layer.node.outputs[0].is_graph_output()}
+    chosen = {name: float_channels(absmax[name].astype(np.float64)) for name in {layer.activation.name for layer in layers}}
+    return {name: channels for name, channels in sorted(chosen.items()) if len(channels) and name not in writes_output}
+
+
+def smoothquant_alpha(precision: Precision, settings: QuantSettings) -> float | str | None:
+    """The α a build uses: "auto" searches per activation for W8A8's static scales only."""
+    if settings.smoothquant_alpha == AUTO_ALPHA and precision is not Precision.W8A8:
+        return DYNAMIC_ALPHA
+    return settings.smoothquant_alpha
 
 
 def weight_format(precision: Precision, settings: QuantSettings) -> WeightFormat:
@@ -138,11 +159,16 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     model = ir.load(prepared)
     layers = linear_layers(model)
     names = sorted({layer.activation.name for layer in layers})
+    alpha, floating = smoothquant_alpha(precision, settings), {}
     if precision in (Precision.W8A8, Precision.INT8_DYNAMIC) and calibration is not None:
-        stats = collect(prepared, names, calibration, spec, progress=progress)
+        search = alpha == AUTO_ALPHA
+        stats = collect(prepared, names, calibration, spec, hessians=search, progress=progress)
         cached = stats.cached
-        if settings.smoothquant_alpha is not None:
-            smoothing = smooth(model, layers, dict(stats.absmax), settings.smoothquant_alpha, spec)
+        if precision is Precision.W8A8 and settings.float_channels:
+            floating = _float_channels(layers, stats.absmax)
+        if alpha is not None:
+            smoothing = smooth(model, layers, dict(stats.absmax), alpha, spec,
+                               stats.hessians if search else None, calibration.windows.size, progress, floating)
             base = work / "smoothed" / MODEL_FILE
             base.parent.mkdir(parents=True)
             ir.save(model, base, external_data=DATA_FILE)
@@ -153,6 +179,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
                             histograms=settings.activations is not ActivationCalibration.MINMAX)
             cached = cached and stats.cached
         thresholds = {n: activation_threshold(stats, n, settings.activations, settings.percentile) for n in names}
+        for name, channels in floating.items():  # the int8 range of what is left
+            thresholds[name] = min(thresholds[name], float(np.delete(stats.absmax[name], channels).max()))
     elif precision is Precision.INT4 and settings.int4_method.calibrated:
         stats = collect(prepared, names, calibration, spec, hessians=True, progress=progress)
         hessians, cached = dict(stats.hessians), stats.cached
@@ -184,7 +212,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         in_kept = [layer for layer in every if layer.role(spec) in kept]
         rest = [layer for layer in every if layer.role(spec) not in kept]
         if precision is Precision.W8A8:
-            quantize_w8a8(model, rest, thresholds)
+            quantize_w8a8(model, rest, thresholds, floating)
         elif precision is Precision.INT8_DYNAMIC:
             quantize_dynamic(model, rest)
         weight_only = (rest if precision.weight_only else []) + (in_kept if backup == "int8" else [])
@@ -237,7 +265,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     return QuantResult(graph.path, precision, method_description(precision, settings, calibration is not None),
                        graph.quantized, graph.total, kept, backup, graph.not_quantizable, graph.narrowed, smoothing,
                        scaling, calibration.source if calibration else None, cached, trials, sensitivity,
-                       graph.bits_per_weight)
+                       graph.bits_per_weight, {name: channels.tolist() for name, channels in floating.items()})
 
 
 SMOOTHING_TOLERANCE = 1e-3  # of max |logit|: float rounding of the rescaled weights is ~1e-6
@@ -246,8 +274,6 @@ SMOOTHING_TOLERANCE = 1e-3  # of max |logit|: float rounding of the rescaled wei
 def _check_function_kept(prepared: Path, smoothed: Path, calibration: CalibrationSet, spec: DecoderSpec) -> None:
     """SmoothQuant must not change the fp32 function: its folds rely on the graph's structure, so compare
     the logits of one calibration window before and after."""
-    import numpy as np
-
     from gptkiln.errors import ExportError
     from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
 

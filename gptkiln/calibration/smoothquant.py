@@ -15,6 +15,13 @@ scale wastes less of its range on a few channels. The division is folded into X'
     head of its group, so those channels share one factor (the group's largest).
 Llama-family models keep their largest activations (hundreds of times the rest, on a few
 channels of a few tokens) at o_proj's and down_proj's inputs, which only the second kind reaches.
+
+α = "auto" (W8A8) picks α per activation from a grid by the output error its layers would have with
+static per-tensor int8 activations (threshold max |x / s|) and int8 per-output-channel weights, both from
+the calibration Hessians H = Σ x xᵀ over n tokens: Σ tr(ΔWᵀ H' ΔW) for the weights plus the activations'
+rounding noise, n · Δ² / 12 · ‖s W‖², with Δ the activation step and H' = H / (s sᵀ). A fixed α suits
+one model's outliers: on SmolLM2 0.5 leaves the per-tensor range to o_proj's and down_proj's massive
+activations, 0.9 moves them all into the weights.
 """
 
 from __future__ import annotations
@@ -25,10 +32,18 @@ import numpy as np
 import onnx_ir as ir
 
 from gptkiln.calibration.layers import LinearLayer, replace_weight
+from gptkiln.calibration.qdq import INT8_MAX, weight_int8
+from gptkiln.config import AUTO_ALPHA
 from gptkiln.graph.initializers import initializer
 from gptkiln.models.spec import DecoderSpec
+from gptkiln.progress import QUIET, Progress
 
 MIN_SCALE = 1e-5
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # the grid of α = "auto"
+# W8A8 keeps an input channel in float (qdq.quantize_w8a8's `floating`) when its max |x| is this many times the
+# median channel's, at most this share of the channels. SmolLM2's largest: down_proj inputs 1772 and 352 times,
+# q/k/v and gate/up inputs up to ~40; the reference model's 40x planted outliers show 31-53 times
+FLOAT_RATIO, FLOAT_SHARE = 16.0, 1 / 64
 # ops between v_proj's output and the attention's output that move whole channels without mixing them
 _CHANNEL_MOVES = ("Reshape", "Transpose", "Unsqueeze", "Expand", "Concat")
 
@@ -42,6 +57,10 @@ class Smoothed:
     absmax_after: float
     outlier_ratio_before: float  # largest channel max over the median channel max
     outlier_ratio_after: float
+    alpha: float
+    # α = "auto": the predicted output error of the site's layers at α = 0 and at the chosen α, relative to ‖X W‖²
+    error_before: float | None = None
+    error_after: float | None = None
 
     def to_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in vars(self).items()}
@@ -105,22 +124,73 @@ def apply_scales(model: ir.Model, site: FoldSite, scales: np.ndarray) -> None:
         replace_weight(model, layer, layer.weight() * scales[:, None].astype(np.float32))
 
 
-def smooth(model: ir.Model, layers: list[LinearLayer], absmax: dict[str, np.ndarray], alpha: float,
-           spec: DecoderSpec | None = None) -> list[Smoothed]:
-    """Apply SmoothQuant in place to every activation whose producer can absorb the scale (fold_sites)."""
+def float_channels(x_max: np.ndarray) -> np.ndarray:
+    """The channels of an activation W8A8 keeps in float (sorted): max |x_j| at least FLOAT_RATIO times the median
+    channel's, the largest FLOAT_SHARE of the channels at most."""
+    ratio = x_max / max(float(np.median(x_max)), 1e-12)
+    largest = np.argsort(-ratio, kind="stable")[:max(1, int(len(x_max) * FLOAT_SHARE))]
+    return np.sort(largest[ratio[largest] >= FLOAT_RATIO]).astype(np.int64)
+
+
+def smooth(model: ir.Model, layers: list[LinearLayer], absmax: dict[str, np.ndarray], alpha: float | str,
+           spec: DecoderSpec | None = None, hessians: dict[str, np.ndarray] | None = None, tokens: int = 0,
+           progress: Progress = QUIET, floating: dict[str, np.ndarray] | None = None) -> list[Smoothed]:
+    """Apply SmoothQuant in place to every activation whose producer can absorb the scale (fold_sites).
+    α = "auto" needs the activations' `hessians` over `tokens` calibration tokens; `floating`: the channels
+    W8A8 keeps in float, which the search leaves out of the int8 range and weights."""
+    if alpha == AUTO_ALPHA and (hessians is None or tokens < 1):
+        raise ValueError("SmoothQuant's α search needs the calibration Hessians and their token count")
+    sites = fold_sites(layers, absmax, spec)
+    bar = progress.bar(len(sites), "SmoothQuant α" if alpha == AUTO_ALPHA else "SmoothQuant", "activations")
     report = []
-    for site in fold_sites(layers, absmax, spec):
+    for site in sites:
+        bar.step()
         x_max = np.maximum(absmax[site.activation].astype(np.float64), MIN_SCALE)
         w_max = np.max([np.abs(layer.weight()).max(axis=1) for layer in site.layers], axis=0)
-        x_shared, w_shared = site.shared(x_max), site.shared(w_max)
-        scales = np.maximum(x_shared**alpha / np.maximum(w_shared, MIN_SCALE) ** (1 - alpha), MIN_SCALE)
+        errors = {}
+        if alpha == AUTO_ALPHA:
+            errors = _errors_by_alpha(site, x_max, w_max, hessians[site.activation], tokens,
+                                      (floating or {}).get(site.activation, ()))
+        chosen = min(errors, key=errors.get) if errors else alpha
+        scales = _scales(site, x_max, w_max, chosen)
         apply_scales(model, site, scales)
         after = x_max / scales
         report.append(Smoothed(site.activation, [layer.name for layer in site.layers], site.fold.name,
                                float(x_max.max()), float(after.max()), float(x_max.max() / np.median(x_max)),
-                               float(after.max() / np.median(after))))
+                               float(after.max() / np.median(after)), chosen, errors.get(0.0), errors.get(chosen)))
         absmax[site.activation] = after.astype(np.float32)
+    bar.close()
     return report
+
+
+def _scales(site: FoldSite, x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^α / max|W_j,:|^(1-α), shared where GQA needs it."""
+    x_shared, w_shared = site.shared(x_max), site.shared(w_max)
+    return np.maximum(x_shared**alpha / np.maximum(w_shared, MIN_SCALE) ** (1 - alpha), MIN_SCALE)
+
+
+def _errors_by_alpha(site: FoldSite, x_max: np.ndarray, w_max: np.ndarray, hessian: np.ndarray,
+                     tokens: int, floating=()) -> dict[float, float]:
+    """Each α of the grid -> the site's predicted output error with int8 weights and static int8 activations
+    (the module docstring), relative to Σ tr(Wᵀ H W). The `floating` channels are exact (not in int8)."""
+    weights = [layer.weight().astype(np.float32) for layer in site.layers]
+    hessian = hessian.astype(np.float32)
+    total = sum(float((w * (hessian @ w)).sum()) for w in weights)
+    in_int8 = np.ones(len(x_max), bool)
+    in_int8[list(floating)] = False
+    errors = {}
+    for alpha in ALPHAS:
+        scales = _scales(site, x_max, w_max, alpha).astype(np.float32)
+        step = float((x_max / scales)[in_int8].max()) / INT8_MAX
+        scaled_hessian = hessian / np.outer(scales, scales)
+        error = 0.0
+        for weight in weights:
+            scaled = weight * scales[:, None] * in_int8[:, None]
+            codes, steps = weight_int8(scaled)
+            delta = codes * steps - scaled
+            error += float((delta * (scaled_hessian @ delta)).sum()) + tokens * step**2 / 12 * float((scaled**2).sum())
+        errors[alpha] = error / max(total, 1e-30)
+    return errors
 
 
 def _only_feeds(activation: ir.Value, group: list[LinearLayer]) -> bool:

@@ -26,6 +26,7 @@ from gptkiln.config import BuildConfig, Precision, RuntimeSettings, Tolerances
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError, UsageError
 from gptkiln.ecosystem.openvino_genai import carry_runtime_options
 from gptkiln.exporter import io_spec
+from gptkiln.graph.lookup_tables import quantize_rows
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 
@@ -106,10 +107,7 @@ def compress_lookup_tables(model) -> list[str]:
                 or any(c.get_node().get_type_name() != "Gather" or c.get_index() != 0 for c in consumers)):
             continue
         table = op.get_data()
-        low, high = table.min(1, keepdims=True), table.max(1, keepdims=True)
-        scale = (np.maximum(high - low, 1e-12) / 255).astype(np.float32)
-        zero = np.clip(np.round(-low / scale), 0, 255).astype(np.uint8)
-        codes = np.clip(np.round(table / scale) + zero, 0, 255).astype(np.uint8)
+        codes, scale, zero = quantize_rows(table, block=table.shape[1])  # one block a row
         restored = opset.multiply(opset.subtract(opset.convert(opset.constant(codes), "f32"),
                                                  opset.convert(opset.constant(zero), "f32")), opset.constant(scale))
         for consumer in consumers:

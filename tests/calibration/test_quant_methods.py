@@ -317,3 +317,87 @@ def test_awq_keeps_the_function_lowers_each_sites_error_and_updates_its_hessians
     for s in report:  # H / (s sᵀ) is the scaled activation's Hessian
         np.testing.assert_allclose(hessians[s.activation], measured[s.activation],
                                    rtol=1e-3, atol=1e-6 * np.abs(measured[s.activation]).max())
+
+
+@pytest.mark.parametrize("floating", [0, 2])
+def test_smoothquant_alpha_search_predicts_the_int8_output_error_it_minimises(tmp_path, tiny_model_dir, floating):
+    """α = "auto": at every fold site and α of the grid, the error predicted from the Hessians is the error that
+    int8 weights and static minmax int8 activations give the site's layers on the calibration activations; with
+    `floating` channels kept exact (the largest), the int8 range and weights are what is left."""
+    from gptkiln.calibration.qdq import INT8_MAX, weight_int8
+    from gptkiln.calibration.quantize import prepare
+    from gptkiln.calibration.smoothquant import ALPHAS, _errors_by_alpha, _scales, fold_sites
+    from gptkiln.calibration.statistics import _activations, _probe_session
+    from gptkiln.exporter.to_onnx import export_onnx
+    from gptkiln.progress import QUIET
+
+    loaded = load_model(str(tiny_model_dir("llama")))
+    path = tmp_path / "prepared" / "model.onnx"
+    prepare(export_onnx(loaded, tmp_path / "export", opset=23).path, path, loaded.spec)
+    calibration = calibration_set([" ".join(f"word{i % 89}" for i in range(4000))], loaded.tokenizer, SETTINGS, "t")
+    model = ir.load(path)
+    layers = linear_layers(model)
+    names = sorted({layer.activation.name for layer in layers})
+    stats = collect(path, names, calibration, loaded.spec, hessians=True)
+    with _probe_session(path, names) as run:
+        batches = list(_activations(run, calibration, loaded.spec, QUIET.bar(1, "", "")))
+    sites = fold_sites(layers, stats.absmax, loaded.spec)
+    assert {site.fold.name for site in sites} >= {"RMSNormalization"} and any(s.fold.layer for s in sites)
+    for site in sites:
+        x = np.concatenate([batch[site.activation].reshape(-1, batch[site.activation].shape[-1]) for batch in batches])
+        assert len(x) == calibration.windows.size
+        x_max = np.abs(x).max(axis=0).astype(np.float64)
+        w_max = np.max([np.abs(layer.weight()).max(axis=1) for layer in site.layers], axis=0)
+        exact_channels = np.argsort(-x_max)[:floating]
+        in_int8 = np.ones(len(x_max), bool)
+        in_int8[exact_channels] = False
+        predicted = _errors_by_alpha(site, x_max, w_max, stats.hessians[site.activation], len(x), exact_channels)
+        measured = {}
+        for alpha in ALPHAS:
+            scales = _scales(site, x_max, w_max, alpha)
+            smoothed = x / scales * in_int8
+            step = np.abs(smoothed).max() / INT8_MAX
+            x_int8 = np.clip(np.round(smoothed / step), -INT8_MAX, INT8_MAX) * step
+            error = total = 0.0
+            for layer in site.layers:
+                codes, steps = weight_int8(layer.weight() * scales[:, None] * in_int8[:, None])
+                exact = x @ layer.weight()
+                kept = x[:, ~in_int8] @ layer.weight()[~in_int8]
+                error += float(((x_int8 @ (codes * steps) + kept - exact) ** 2).sum())
+                total += float((exact ** 2).sum())
+            measured[alpha] = error / total
+        for alpha in ALPHAS:
+            assert predicted[alpha] == pytest.approx(measured[alpha], rel=0.2), (site.activation, alpha)
+        chosen = min(predicted, key=predicted.get)
+        assert measured[chosen] <= 1.2 * min(measured.values())
+
+
+def test_w8a8_keeps_outlier_channels_in_float_beside_the_int8_product(tmp_path, prepared_reference, calibration):
+    """Channels planted 300x the rest: float_channels finds exactly them, and keeping them out of int8
+    (Gather @ rows in float + the int8 product of the others) cuts the logits' error of unsmoothed W8A8."""
+    from gptkiln.calibration.qdq import quantize_w8a8
+    from gptkiln.calibration.quantize import _float_channels, prepare
+    from gptkiln.exporter.to_onnx import export_onnx
+
+    loaded = load_model("reference")
+    plant_outliers(loaded.model, [7, 100], 300.0)
+    prepared = tmp_path / "prepared" / "model.onnx"
+    prepare(export_onnx(loaded, tmp_path / "export", opset=23).path, prepared, loaded.spec)
+    layers = linear_layers(ir.load(prepared))
+    names = sorted({layer.activation.name for layer in layers})
+    stats = collect(prepared, names, calibration, loaded.spec)
+    floating = _float_channels(layers, stats.absmax)
+    planted = {layer.activation.name for layer in layers if layer.name.endswith(("c_attn.weight", "c_fc.weight"))}
+    assert set(floating) == planted and all(c.tolist() == [7, 100] for c in floating.values())
+    ids = calibration.windows[:2]
+    reference = logits(prepared, loaded.spec, ids)
+    errors = {}
+    for label, kept in (("int8", {}), ("split", floating)):
+        model = ir.load(prepared)
+        thresholds = {n: float(np.delete(stats.absmax[n], kept.get(n, [])).max()) for n in names}
+        quantize_w8a8(model, linear_layers(model), thresholds, kept)
+        path = tmp_path / label / "model.onnx"
+        path.parent.mkdir()
+        ir.save(model, path, external_data=DATA_FILE)
+        errors[label] = np.abs(logits(path, loaded.spec, ids) - reference).max() / np.abs(reference).max()
+    assert errors["split"] < 0.2 * errors["int8"], errors

@@ -105,20 +105,26 @@ def test_verify_reads_a_manifest_from_before_narrowed_blocks(w8a8_build, tmp_pat
     assert "linear layers quantized" in capsys.readouterr().out
 
 
-def test_outliers_break_naive_w8a8_and_smoothquant_fixes_it(tmp_path, calibration_text):
+@pytest.mark.parametrize("fix", ["smoothquant", "float_channels"])
+def test_outliers_break_naive_w8a8_and_smoothquant_or_float_channels_fix_it(tmp_path, calibration_text, fix):
     model = planted_model(tmp_path / "planted")
     naive = BuildConfig(model=model, output=tmp_path / "naive", precision=Precision.W8A8,
-                        quant=quant(calibration_text, smoothquant_alpha=None, fallback=False))
+                        quant=quant(calibration_text, smoothquant_alpha=None, float_channels=False, fallback=False))
     with pytest.raises(ParityError) as failed:
         build(naive)
     naive_ppl = failed.value.details["targets"]["onnxruntime"]["accuracy"]["ppl_increase_pct"]
     assert naive_ppl > 5.0 and "accuracy: perplexity" in failed.value.cause
     assert not (tmp_path / "naive").exists()
-    smoothed = build(replace(naive, output=tmp_path / "smoothed", quant=quant(calibration_text, fallback=False)))
-    accuracy = smoothed.targets[0].accuracy
+    only = {"smoothquant_alpha": None} if fix == "float_channels" else {"float_channels": False}
+    fixed = build(replace(naive, output=tmp_path / fix, quant=quant(calibration_text, fallback=False, **only)))
+    accuracy = fixed.targets[0].accuracy
     assert accuracy.ppl_increase_pct <= 1.5 and accuracy.top1_agreement >= 0.95
-    ratios = [(s["outlier_ratio_before"], s["outlier_ratio_after"]) for s in smoothed.quantization["smoothing"]]
-    assert all(before > 20 and after < 5 for before, after in ratios)
+    if fix == "smoothquant":
+        ratios = [(s["outlier_ratio_before"], s["outlier_ratio_after"]) for s in fixed.quantization["smoothing"]]
+        assert all(before > 20 and after < 5 for before, after in ratios)
+    else:  # the planted channels of every block's c_attn and c_fc input, and nothing else
+        floating = fixed.quantization["float_channels"]
+        assert len(floating) == 2 * 4 and all(channels == sorted(OUTLIER_CHANNELS) for channels in floating.values())
 
 
 def test_fallback_keeps_the_roles_with_outliers_at_weight_only_int8(tmp_path, calibration_text):
@@ -126,7 +132,7 @@ def test_fallback_keeps_the_roles_with_outliers_at_weight_only_int8(tmp_path, ca
     int8 weights and float activations."""
     model = planted_model(tmp_path / "planted", blocks=[2])
     config = BuildConfig(model=model, output=tmp_path / "out", precision=Precision.W8A8,
-                         quant=quant(calibration_text, smoothquant_alpha=None))
+                         quant=quant(calibration_text, smoothquant_alpha=None, float_channels=False))
     result = build(config)
     kept = result.quantization["kept"]
     assert kept and set(kept) <= {"transformer.h.*.attn.c_attn.weight", "transformer.h.*.mlp.c_fc.weight"}

@@ -70,16 +70,16 @@ def check(model: ir.Model, spec: DecoderSpec, profiles: list[Profile]) -> Readin
         if value.dtype is not None and value.dtype.name not in REPRESENTABLE:
             report.problems.append(f"tensor '{value.name}' is {value.dtype.name}, which TensorRT cannot represent")
     report.sparse_layers, report.linear_layers = two_four_linear_layers(model)
-    if report.sparse_layers and not _has_reduced_precision(model):
+    if report.sparse_layers and not weight_types(model) & {ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8}:
         report.warnings.append(f"{report.sparse_layers} of {report.linear_layers} linear layers are 2:4 sparse, but the "
                                "graph is fp32: sparse tensor cores run fp16, bf16 and int8 layers (TF32 is off), so "
                                "they run dense; build --quantize fp16, bf16 or w8a8 to use them")
     return report
 
 
-def _has_reduced_precision(model: ir.Model) -> bool:
-    reduced = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8)
-    return any(value.dtype in reduced for value in model.graph.initializers.values())
+def weight_types(model: ir.Model) -> set[ir.DataType]:
+    """The element types of the graph's initializers."""
+    return {value.dtype for value in model.graph.initializers.values()}
 
 
 def _node_problems(node: ir.Node) -> list[str]:

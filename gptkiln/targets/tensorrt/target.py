@@ -99,7 +99,7 @@ class TensorRTTarget(Target):
         import onnx_ir as ir
 
         from gptkiln.graph import optimize
-        from gptkiln.targets.tensorrt.readiness import check as readiness_check
+        from gptkiln.targets.tensorrt.readiness import check as readiness_check, weight_types
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
@@ -111,8 +111,7 @@ class TensorRTTarget(Target):
                               "fix what is listed (each line names the node and the rule), or build for another target")
         out_dir.mkdir(parents=True, exist_ok=True)
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
-        half = next((v.dtype.name for v in model.graph.initializers.values()
-                     if v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)), None)
+        bf16 = ir.DataType.BFLOAT16 in weight_types(model)
         sparse = readiness.sparse_layers > 0
         script = out_dir / TRTEXEC_SCRIPT
         script.write_text(f"#!/bin/sh\n# {TRTEXEC_SCRIPT}: builds {ENGINE_FILE} from {MODEL_FILE} with the profiles gptkiln "
@@ -126,7 +125,7 @@ class TensorRTTarget(Target):
         if missing:
             return {**settings, "compiled": False, "missing": missing}
         return {**settings, **self._build(out_dir, spec, profiles, readiness.minimum_tensorrt,
-                                          "bf16" if half == "BFLOAT16" else "", sparse)}
+                                          "bf16" if bf16 else "", sparse)}
 
     def _build(self, out_dir: Path, spec: DecoderSpec, profiles: list[Profile], minimum: str, precision: str,
                sparse: bool) -> dict:
