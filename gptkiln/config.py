@@ -103,6 +103,10 @@ AUTO_ALPHA = "auto"  # SmoothQuant's α searched per activation (calibration/smo
 # int8-dynamic's α under "auto": its per-token scales are not what the search models. All layers int8 on SmolLM2
 # (benchmarks/RESULTS.md): 0.5 +1.81%, 0.6 +1.63%, 0.7 +1.68%, none +5.18%; 0.5 is what its passing build used
 DYNAMIC_ALPHA = 0.5
+# W8A8 keeps an input channel in float (calibration/qdq.py's `floating`) when its max |x| is this many times the
+# median channel's, at most this share of the channels. SmolLM2's largest: down_proj inputs 1772 and 352 times,
+# q/k/v and gate/up inputs up to ~40; the reference model's 40x planted outliers show 31-53 times
+FLOAT_RATIO, FLOAT_SHARE = 16.0, 1 / 64
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gptkiln.compression.settings import (DEFAULT_MAX_PPL_INCREASE, SPARSITY_PATTERNS, SPARSITY_SCORES,
                                           CompressSettings, DistillSettings)
-from gptkiln.config import (AUTO_ALPHA, DYNAMIC_ALPHA, AccuracyBudget, ActivationCalibration, BuildConfig,
+from gptkiln.config import (AUTO_ALPHA, DYNAMIC_ALPHA, FLOAT_RATIO, AccuracyBudget, ActivationCalibration, BuildConfig,
                             CalibrationSettings, EngineSettings, Int4Method, ParitySettings, Precision, QuantSettings,
                             RuntimeSettings, Tolerances)
 from gptkiln.errors import TargetUnavailableError, UsageError
@@ -119,7 +119,7 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-smoothquant", action="store_true", help="W8A8 without SmoothQuant")
     group.add_argument("--no-float-channels", action="store_true",
                        help="W8A8 with every activation channel in int8 (default: the few outlier channels of an "
-                            "activation, max |x| >= 32x the median channel's, are multiplied in float)")
+                            f"activation, max |x| >= {FLOAT_RATIO:g}x the median channel's, are multiplied in float)")
     group.add_argument("--int4-method", choices=[m.value for m in Int4Method], default=defaults.int4_method.value,
                        help="int4 rounding (gptq and awq-gptq need --calibration; default %(default)s)")
     group.add_argument("--int4-block-size", type=int, default=defaults.int4_block_size,

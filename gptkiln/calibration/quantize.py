@@ -29,11 +29,11 @@ from gptkiln.calibration.data import CalibrationSet
 from gptkiln.calibration.layers import linear_bits, linear_layers, weight_bits
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
 from gptkiln.calibration.qdq import activation_threshold, quantize_dynamic, quantize_w8a8
-from gptkiln.calibration.smoothquant import FLOAT_RATIO, FLOAT_SHARE, Smoothed, float_channels, smooth
+from gptkiln.calibration.smoothquant import Smoothed, float_channels, smooth
 from gptkiln.calibration.statistics import collect
 from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, quantize_weights
-from gptkiln.config import (AUTO_ALPHA, DYNAMIC_ALPHA, AccuracyBudget, ActivationCalibration, Int4Method, Precision,
-                            QuantSettings)
+from gptkiln.config import (AUTO_ALPHA, DYNAMIC_ALPHA, FLOAT_RATIO, FLOAT_SHARE, AccuracyBudget, ActivationCalibration,
+                            Int4Method, Precision, QuantSettings)
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.progress import QUIET, Progress

@@ -33,17 +33,13 @@ import onnx_ir as ir
 
 from gptkiln.calibration.layers import LinearLayer, replace_weight
 from gptkiln.calibration.qdq import INT8_MAX, weight_int8
-from gptkiln.config import AUTO_ALPHA
+from gptkiln.config import AUTO_ALPHA, FLOAT_RATIO, FLOAT_SHARE
 from gptkiln.graph.initializers import initializer
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.progress import QUIET, Progress
 
 MIN_SCALE = 1e-5
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # the grid of α = "auto"
-# W8A8 keeps an input channel in float (qdq.quantize_w8a8's `floating`) when its max |x| is this many times the
-# median channel's, at most this share of the channels. SmolLM2's largest: down_proj inputs 1772 and 352 times,
-# q/k/v and gate/up inputs up to ~40; the reference model's 40x planted outliers show 31-53 times
-FLOAT_RATIO, FLOAT_SHARE = 16.0, 1 / 64
 # ops between v_proj's output and the attention's output that move whole channels without mixing them
 _CHANNEL_MOVES = ("Reshape", "Transpose", "Unsqueeze", "Expand", "Concat")
 

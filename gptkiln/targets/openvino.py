@@ -26,7 +26,6 @@ from gptkiln.config import BuildConfig, Precision, RuntimeSettings, Tolerances
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError, UsageError
 from gptkiln.ecosystem.openvino_genai import carry_runtime_options
 from gptkiln.exporter import io_spec
-from gptkiln.graph.lookup_tables import quantize_rows
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 
@@ -95,6 +94,8 @@ def compress_lookup_tables(model) -> list[str]:
     asymmetric, in the decompression form the CPU plugin gathers from directly. Returns their names."""
     import openvino as ov
     import openvino.opset13 as opset
+
+    from gptkiln.graph.lookup_tables import quantize_rows  # the export stack: not on an edge install
 
     constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
     low_precision = {ov.Type.u8, ov.Type.i8, ov.Type.u4, ov.Type.i4}

@@ -291,15 +291,24 @@ def test_int4_range_search_rounds_each_column_no_worse_than_the_full_range():
     np.testing.assert_array_equal(int8.params(rows[:32])[0], int8._params(rows[:32], 1.0)[0])  # int8 keeps its range
 
 
-def test_awq_keeps_the_function_lowers_each_sites_error_and_updates_its_hessians(tmp_path, tiny_model_dir):
-    from gptkiln.calibration.awq import awq_scale
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, tiny_model_dir):
+    """A tiny Llama as quantization sees it: (prepared graph, LoadedModel, CalibrationSet)."""
     from gptkiln.calibration.quantize import prepare
     from gptkiln.exporter.to_onnx import export_onnx
 
     loaded = load_model(str(tiny_model_dir("llama")))
-    path = tmp_path / "prepared" / "model.onnx"
-    prepare(export_onnx(loaded, tmp_path / "export", opset=23).path, path, loaded.spec)
+    work = tmp_path_factory.mktemp("tiny_llama")
+    path = work / "prepared" / "model.onnx"
+    prepare(export_onnx(loaded, work / "export", opset=23).path, path, loaded.spec)
     calibration = calibration_set([" ".join(f"word{i % 89}" for i in range(4000))], loaded.tokenizer, SETTINGS, "t")
+    return path, loaded, calibration
+
+
+def test_awq_keeps_the_function_lowers_each_sites_error_and_updates_its_hessians(tmp_path, tiny_llama):
+    from gptkiln.calibration.awq import awq_scale
+
+    path, loaded, calibration = tiny_llama
     model = ir.load(path)
     layers = linear_layers(model)
     names = [layer.activation.name for layer in layers]
@@ -320,21 +329,16 @@ def test_awq_keeps_the_function_lowers_each_sites_error_and_updates_its_hessians
 
 
 @pytest.mark.parametrize("floating", [0, 2])
-def test_smoothquant_alpha_search_predicts_the_int8_output_error_it_minimises(tmp_path, tiny_model_dir, floating):
+def test_smoothquant_alpha_search_predicts_the_int8_output_error_it_minimises(tiny_llama, floating):
     """α = "auto": at every fold site and α of the grid, the error predicted from the Hessians is the error that
     int8 weights and static minmax int8 activations give the site's layers on the calibration activations; with
     `floating` channels kept exact (the largest), the int8 range and weights are what is left."""
     from gptkiln.calibration.qdq import INT8_MAX, weight_int8
-    from gptkiln.calibration.quantize import prepare
     from gptkiln.calibration.smoothquant import ALPHAS, _errors_by_alpha, _scales, fold_sites
     from gptkiln.calibration.statistics import _activations, _probe_session
-    from gptkiln.exporter.to_onnx import export_onnx
     from gptkiln.progress import QUIET
 
-    loaded = load_model(str(tiny_model_dir("llama")))
-    path = tmp_path / "prepared" / "model.onnx"
-    prepare(export_onnx(loaded, tmp_path / "export", opset=23).path, path, loaded.spec)
-    calibration = calibration_set([" ".join(f"word{i % 89}" for i in range(4000))], loaded.tokenizer, SETTINGS, "t")
+    path, loaded, calibration = tiny_llama
     model = ir.load(path)
     layers = linear_layers(model)
     names = sorted({layer.activation.name for layer in layers})
