@@ -49,7 +49,7 @@ def int4_rows(model: str, checkpoints: dict[str, Path], original_ppl: float, arg
 
     builds = [("original", model, {}), ("original, no int8 fallback", model, {"no_fallback": True}),
               *((name, str(path), {}) for name, path in checkpoints.items())]
-    rows, records = [("int4 of", "engine MB", "bits/weight (model)", "perplexity", "vs original", "gate", "build s")], []
+    rows, records = [("int4 of", "engine MB", "bits/weight (engine)", "perplexity", "vs original", "gate", "build s")], []
     for name, source, options in builds:
         started = time.perf_counter()
         out = args.work / "int4" / name.replace(" ", "_").replace(",", "")
@@ -60,8 +60,8 @@ def int4_rows(model: str, checkpoints: dict[str, Path], original_ppl: float, arg
             gate, size = "pass", sum(p.stat().st_size for p in (out / args.int4).iterdir()) / 1e6
         except GptkilnError as error:  # over its own budget: still a point on the curve (nothing written: no size)
             built, gate, size = error.details or {}, f"refused: {error.cause.splitlines()[0][:60]}", None
-        accuracy = built.get("targets", {}).get(args.int4, {}).get("accuracy")
-        bits = built.get("quantization", {}).get("bits_per_weight", {}).get("model")
+        target = built.get("targets", {}).get(args.int4, {})
+        accuracy, bits = target.get("accuracy"), target.get("settings", {}).get("bits_per_weight")  # the engine's
         seconds = time.perf_counter() - started
         ppl = accuracy["ppl"] if accuracy else None
         rows.append((name, f"{size:.0f}" if size else "-", f"{bits:.2f}" if bits else "-",

@@ -74,7 +74,7 @@ class AccuracyBudget:
 
     max_ppl_increase_pct: float
     min_top1_agreement: float
-    # a batch row vs the same row alone (same padding): a batch row must not change another's tokens
+    # a batch row vs the same row with the batch's other rows changed: a row must not change another's tokens
     min_padded_top1_agreement: float = 0.99
 
     @classmethod

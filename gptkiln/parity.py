@@ -6,8 +6,9 @@ What runs (docs/DESIGN.md, fidelity bars):
 - a left-padded batch of prompts of different lengths, the same way (padding rows' logits
   are compared only where the row has real tokens);
 - padded vs unpadded: each padded row against the same prompt run alone, on the target;
-- batch vs alone: each row against itself in a batch of one with the same padding (what the
-  other rows of a batch change: the gate of quantized builds, `consistency_gate`);
+- batch vs alone: each row against itself in a batch of one with the same padding;
+- other rows: each row against itself in the same batch with every other row's tokens changed (what the
+  other rows of a batch change, nothing else: the gate of quantized builds, `consistency_gate`);
 - greedy generation, batch 1 and padded batch, against the reference and against unpadded.
 """
 
@@ -158,6 +159,14 @@ def run_parity(runner: Runner, reference: Runner, prompts: list[list[int]], sett
         item = compare(f"batch_vs_alone/logits[row {row}]", row_steps, steps_alone, valid[row : row + 1])
         item.worst_row = row
         report.comparisons.append(item)
+    for kept in (0, 1):  # even rows kept and odd rows changed, then the other way round
+        changed = [p if row % 2 == kept else p[::-1] for row, p in enumerate(padded)]  # same lengths: same padding
+        changed_steps, _, _, _ = forced_run(runner, changed, steps, tokens)
+        for row in range(kept, len(padded), 2):
+            item = compare(f"other_rows/logits[row {row}]", [s[row : row + 1] for s in our_steps],
+                           [s[row : row + 1] for s in changed_steps], valid[row : row + 1])
+            item.worst_row = row
+            report.comparisons.append(item)
 
     config = GenerationConfig(max_new_tokens=settings.greedy_tokens)
     report.greedy.append(greedy_match("batch1", generate(runner, prompts[:1], config),
@@ -173,7 +182,7 @@ def gate(report: ParityReport, tolerances: Tolerances) -> list[str]:
     """Every way the report misses the tolerances, one line each (empty: the build is good)."""
     failures = []
     for c in report.comparisons:
-        padded = c.name.startswith(("padded_vs_unpadded", "batch_vs_alone"))
+        padded = c.name.startswith(("padded_vs_unpadded", "batch_vs_alone", "other_rows"))
         limit = tolerances.padded_rel if padded else tolerances.logits_rel
         if limit is not None and c.rel > limit:
             failures.append(f"{c.name}: max |diff| {c.max_abs:.3g} = {c.rel:.3g} of scale {c.scale:.3g} "
@@ -193,16 +202,17 @@ def gate(report: ParityReport, tolerances: Tolerances) -> list[str]:
 
 def consistency_gate(report: ParityReport, min_top1_agreement: float) -> list[str]:
     """The gate of a quantized build's parity report: logits are expected to move, but a row of a batch
-    must pick the tokens it picks alone (accuracy against fp32 is gated separately).
+    must pick the tokens it picks whatever the other rows hold (accuracy against fp32 is gated separately).
 
-    "Alone" is the row in a batch of one with the same left padding. Against the prompt unpadded, the
-    fp32 engine differs in the last bits (the attention's softmax sums its masked keys in another order:
-    1.8e-6 of the logits' scale on SmolLM2), and an engine that rounds its activations to int8 turns any
-    such difference into one as large as its own rounding (4.2% of the scale, 82% top-1, in one row of
-    ONNX Runtime's 8-bit MatMulNBits), whatever the other rows hold. With the same padding the arithmetic
-    of the row is the same, so a difference is what the other rows did to it: a scale shared across the
-    batch, or a mask that leaks."""
-    return [f"{c.name}: top-1 agreement with the same row run alone {c.top1_agreement:.2%} "
+    The row is compared with itself in the same batch, the other rows' tokens changed: same shapes, same
+    padding, same kernels, so any difference is what the other rows did to it (a scale shared across the
+    batch, a mask that leaks), and a correct engine matches to the last bit. The row run alone is reported
+    (batch_vs_alone), not gated here: an engine that rounds its activations to int8 turns the last-bit
+    differences of kernels picked by row count into differences as large as its own rounding. Measured:
+    ONNX Runtime's 4-bit MatMulNBits at accuracy level 4 gives one row 1e-7 apart alone and in a batch of
+    two; through SmolLM2's 30 blocks that moved rows by 1.4-3.3% of the logits' scale and flipped one token
+    in 23 (the 8-bit kernel was bit-identical; the fp32 engine differs by 2e-6 and flips none)."""
+    return [f"{c.name}: top-1 agreement with the other rows' tokens changed {c.top1_agreement:.2%} "
             f"(limit {min_top1_agreement:.0%})"
             for c in report.comparisons
-            if c.name.startswith("batch_vs_alone") and c.top1_agreement < min_top1_agreement]
+            if c.name.startswith("other_rows") and c.top1_agreement < min_top1_agreement]

@@ -128,7 +128,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
             result.half = graph.record
         for target in targets:
             entry = state.stage(f"{target.name}: compile and prove", f"target-{target.name}", plan.targets[target.name],
-                                state.compile_and_prove(target, graph.path / MODEL_FILE, result.spec))
+                                state.compile_and_prove(target, graph.path / MODEL_FILE, result.spec,
+                                                        result.export.get("parameters")))  # absent: older caches
             outcome = TargetResult.from_dict(target.name, entry.record)
             if not outcome.compiled:
                 progress.say(f"    {target.name}: prepared, not compiled here: {'; '.join(outcome.settings['missing'])}")
@@ -184,7 +185,9 @@ class _BuildState:
 
         exported = export_onnx(self.loaded, directory, self.plan.opset)
         save_model_files(self.loaded.model, self.loaded.tokenizer, directory / MODEL_FILES_DIR)
-        return {"export": {"opset": self.plan.opset, "nodes": exported.node_count, "op_counts": exported.op_counts},
+        parameters = sum(p.numel() for p in self.loaded.model.parameters())  # torch lists a tied table once
+        return {"export": {"opset": self.plan.opset, "nodes": exported.node_count, "op_counts": exported.op_counts,
+                           "parameters": parameters},
                 "spec": self.loaded.spec.to_dict()}
 
     def quantize(self, exported: Entry):
@@ -207,11 +210,13 @@ class _BuildState:
             return convert_file(graph.path / MODEL_FILE, directory / MODEL_FILE, self.config.precision.value).to_dict()
         return produce
 
-    def compile_and_prove(self, target: Target, graph: Path, spec: DecoderSpec):
-        """The target's engine files and its TargetResult (a failed gate is a result too: it is cached)."""
+    def compile_and_prove(self, target: Target, graph: Path, spec: DecoderSpec, parameters: int | None):
+        """The target's engine files and its TargetResult (a failed gate is a result too: it is cached).
+        `parameters`: the fp32 model's weights, for the engine's bits per weight."""
         def produce(directory: Path) -> dict:
             tolerances = target.tolerances(self.config.tolerances)
             settings = {**target.compile(graph, directory, spec), "tolerances": asdict(tolerances)}
+            settings.update(_engine_size(directory, parameters))
             _warn_short_fusions(self.progress, target.name, settings["fusion"])
             for warning in settings.get("warnings", []):
                 self.progress.say(f"    warning: {target.name}: {warning}")
@@ -225,6 +230,13 @@ class _BuildState:
                              self.config.quant.budget_for(self.config.precision))
             return TargetResult(target.name, settings, report, failures, accuracy).to_dict()
         return produce
+
+
+def _engine_size(directory: Path, parameters: int | None) -> dict:
+    """What the compiled engine stores: its files' bytes, and those as bits per weight of the fp32 model
+    (embeddings included; a tied table counts once in the model, and as often as the engine stores it)."""
+    size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+    return {"engine_bytes": size, **({"bits_per_weight": round(8 * size / parameters, 3)} if parameters else {})}
 
 
 def up_to_date(output: Path, plan: BuildPlan) -> BuildResult | None:

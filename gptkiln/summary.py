@@ -48,15 +48,24 @@ def _prepared_lines(target) -> str:
 
 
 def _quantized_rows(result, targets) -> list[tuple]:
-    rows = [("target", "precision", "perplexity fp32 -> ours", "increase", "top-1 vs fp32", "batch row vs alone top-1",
-             "result")]
+    rows = [("target", "precision", "perplexity fp32 -> ours", "increase", "top-1 vs fp32",
+             "batch row top-1: other rows changed", "alone", "engine MB", "bits/weight", "result")]
     for target in targets:
         accuracy = target.accuracy
-        padded = min(c.top1_agreement for c in target.parity.comparisons if c.name.startswith("batch_vs_alone"))
+
+        def worst(kind: str) -> str:
+            values = [c.top1_agreement for c in target.parity.comparisons if c.name.startswith(kind)]
+            return f"{min(values):.1%}" if values else "-"  # other_rows: absent from earlier manifests
+
         rows.append((target.name, result.precision.value, f"{accuracy.ppl_reference:.3f} -> {accuracy.ppl:.3f}",
-                     f"{accuracy.ppl_increase_pct:+.2f}%", f"{accuracy.top1_agreement:.1%}", f"{padded:.1%}",
-                     "PASS" if not target.failures else "FAIL"))
+                     f"{accuracy.ppl_increase_pct:+.2f}%", f"{accuracy.top1_agreement:.1%}", worst("other_rows"),
+                     worst("batch_vs_alone"), _megabytes(target.settings.get("engine_bytes")),
+                     target.settings.get("bits_per_weight", "-"), "PASS" if not target.failures else "FAIL"))
     return rows
+
+
+def _megabytes(size: int | None) -> str:
+    return f"{size / 1e6:.1f}" if size else "-"  # absent from earlier manifests
 
 
 def _quant_line(quantization: dict) -> str:
@@ -70,15 +79,17 @@ def _quant_line(quantization: dict) -> str:
     method = quantization["method"]
     details = ", ".join(f"{k} {v}" for k, v in method.items())
     narrowed = Counter(quantization.get("narrowed_blocks", {}).values())  # absent from earlier builds' manifests
+    tables = Counter((quantization.get("lookup_tables") or {}).values())  # absent from earlier manifests
     bits = quantization.get("bits_per_weight") or {}
-    bits_line = "".join(f"; {value:.2f} bits per weight ({where.replace('_', ' ')})" for where, value in bits.items()
-                        if value is not None)
+    bits_line = "".join(f"; {value:.2f} bits per weight ({where.replace('_', ' ')}, graph)"
+                        for where, value in bits.items() if value is not None)
     return (f"{quantization['layers_quantized']}/{quantization['layers_total']} linear layers quantized "
             f"({details}); kept in {kept_precision}: {kept}"
             + (f"; SmoothQuant on {smoothed} activations{searched}" if smoothed else "")
             + (f"; AWQ scales on {scaled} activations" if scaled else "")
             + (f"; {sum(map(len, floating.values()))} channels of {len(floating)} activations in float" if floating else "")
             + "".join(f"; {n} layers in blocks of {block} (their input size)" for block, n in sorted(narrowed.items()))
+            + "".join(f"; {n} lookup table(s) in {width} bits" for width, n in sorted(tables.items()))
             + bits_line)
 
 

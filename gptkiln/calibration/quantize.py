@@ -4,10 +4,13 @@
    given calibration text (its per-token scales need none, its smoothing does), AWQ's channel scales
    for int4 awq-gptq;
 2. every linear layer quantized; the result scored (perplexity, top-1) against fp32 PyTorch;
+   The lookup tables (embeddings) are stored in 8 bits, 4 in int4 builds (graph.lookup_tables), so every score
+   below is the engines' own;
 3. over budget, the mixed-precision fallback keeps the most sensitive groups at a backup precision (weight-only
-   int8, activations in float; fp32 for int8 itself) until the budget holds or half the groups are kept.
-   A group is a layer role: the same linear layer in every transformer block
-   (`model.layers.*.mlp.down_proj.weight`), or one outside the blocks (the lm_head); 8 for a Llama.
+   int8, activations in float; fp32 for int8 itself; 8 bits for int4's tables) until the budget holds or half
+   the groups are kept. A group is a layer role: the same linear layer in every transformer block
+   (`model.layers.*.mlp.down_proj.weight`), or one outside the blocks (the lm_head); 8 for a Llama; plus, in
+   int4 builds, the lookup tables.
    Measured on SmolLM2, rounding error sits in roles across the blocks, not in a few blocks. Each group's
    sensitivity is how much leaving it alone at the backup precision brings the model's next-token
    distributions back to fp32's (a Probe: one batch of windows, a fraction of an evaluation); the number
@@ -35,11 +38,14 @@ from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, quantize_we
 from gptkiln.config import (AUTO_ALPHA, DYNAMIC_ALPHA, FLOAT_RATIO, FLOAT_SHARE, AccuracyBudget, ActivationCalibration,
                             Int4Method, Precision, QuantSettings)
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
+from gptkiln.graph.lookup_tables import quantize_lookup_tables
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.progress import QUIET, Progress
 
 Evaluator = Callable[[Path], AccuracyReport]
 Divergence = Callable[[Path], float]  # a graph -> its Probe divergence from fp32
+TABLES = "lookup tables"  # the fallback's group of an int4 build's 4-bit embeddings
+TABLE_BITS = 8  # the tables of every other quantized build, and int4's backup
 
 
 @dataclass
@@ -59,6 +65,7 @@ class QuantizedGraph:  # one trial's graph
     not_quantizable: list[str]
     narrowed: dict[str, int]
     bits_per_weight: dict[str, float | None]
+    lookup_tables: dict[str, int]  # table -> bits
 
 
 @dataclass
@@ -83,6 +90,7 @@ class QuantResult:
     # weight tensor (embeddings included, a tied table once), "linear_layers" over the linear layers (weight-only)
     bits_per_weight: dict[str, float | None] = field(default_factory=dict)
     float_channels: dict[str, list[int]] = field(default_factory=dict)  # W8A8: activation -> channels kept in float
+    lookup_tables: dict[str, int] = field(default_factory=dict)  # embeddings only Gather reads -> their bits
 
     @property
     def accuracy(self) -> AccuracyReport:
@@ -96,7 +104,7 @@ class QuantResult:
                 "calibration": self.calibration, "statistics_cached": self.statistics_cached,
                 "accuracy": self.accuracy.to_dict(), "trials": [t.to_dict() for t in self.trials],
                 "sensitivity": self.sensitivity, "bits_per_weight": self.bits_per_weight,
-                "float_channels": self.float_channels}
+                "float_channels": self.float_channels, "lookup_tables": self.lookup_tables}
 
 
 def method_description(precision: Precision, settings: QuantSettings, calibrated: bool = True) -> dict:
@@ -157,6 +165,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     """`diverge` ranks the fallback's groups; without it (the benchmarks' fixed builds) there is no fallback."""
     base, smoothing, scaling, thresholds, hessians, cached = prepared, [], [], {}, None, False
     model = ir.load(prepared)
+    weights, _ = weight_bits(model)  # the fp32 model's: a scaled tied lm_head's own copy ("….T") is not one more
     layers = linear_layers(model)
     names = sorted({layer.activation.name for layer in layers})
     alpha, floating = smoothquant_alpha(precision, settings), {}
@@ -202,12 +211,12 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     fmt = weight_format(precision, settings) if precision.weight_only else None
     int8 = weight_format(Precision.INT8, settings)  # the backup, weight-only: activations stay float
     backup = "fp32" if precision is Precision.INT8 else "int8"
+    table_bits = 4 if precision is Precision.INT4 else TABLE_BITS
 
     def build(kept: set[str]) -> QuantizedGraph:
         nonlocal trial_count
         trial_count += 1
         model = ir.load(base)
-        weights, _ = weight_bits(model)
         every = linear_layers(model)
         in_kept = [layer for layer in every if layer.role(spec) in kept]
         rest = [layer for layer in every if layer.role(spec) not in kept]
@@ -222,14 +231,16 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
             done = quantize_weights(model, weight_only, fmt or int8, hessians, {layer.name: int8 for layer in in_kept},
                                     progress if trial_count == 1 else QUIET, rounded)
             not_quantizable, narrowed = done.skipped, done.narrowed
+        in_bits = TABLE_BITS if TABLES in kept else table_bits
+        tables = dict.fromkeys(quantize_lookup_tables(model, in_bits), in_bits)
         path = work / f"trial-{trial_count}" / MODEL_FILE
         path.parent.mkdir(parents=True)
         ir.save(model, path, external_data=DATA_FILE)
         linear = [linear_bits(layer) for layer in every] if precision.weight_only else []
-        bits = {"model": round(weight_bits(model)[1] / weights, 3),
+        bits = {"model": round(weight_bits(model)[1] / weights, 3),  # the tables in their bits too
                 "linear_layers": round(sum(b for _, b in linear) / sum(n for n, _ in linear), 3) if linear else None}
         quantized = sum(1 for layer in rest if layer.name not in not_quantizable)
-        return QuantizedGraph(path, quantized, len(every), not_quantizable, narrowed, bits)
+        return QuantizedGraph(path, quantized, len(every), not_quantizable, narrowed, bits, tables)
 
     def attempt(kept: list[str]) -> tuple[QuantizedGraph, Trial]:
         graph = build(set(kept))
@@ -246,6 +257,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     graph, trial = attempt([])
     trials, kept, sensitivity = [trial], [], {}
     if not passes(trial) and settings.fallback and diverge is not None and len(groups) >= 2:
+        groups += [TABLES] if graph.lookup_tables and table_bits != TABLE_BITS else []
         progress.say(f"    over budget: ranking {len(groups)} layer groups by how much {backup} gives back")
         everything = diverge(graph.path)
         bar = progress.bar(len(groups), "sensitivity", "groups")
@@ -265,7 +277,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     return QuantResult(graph.path, precision, method_description(precision, settings, calibration is not None),
                        graph.quantized, graph.total, kept, backup, graph.not_quantizable, graph.narrowed, smoothing,
                        scaling, calibration.source if calibration else None, cached, trials, sensitivity,
-                       graph.bits_per_weight, {name: channels.tolist() for name, channels in floating.items()})
+                       graph.bits_per_weight, {name: channels.tolist() for name, channels in floating.items()},
+                       graph.lookup_tables)
 
 
 SMOOTHING_TOLERANCE = 1e-3  # of max |logit|: float rounding of the rescaled weights is ~1e-6

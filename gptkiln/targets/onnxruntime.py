@@ -161,14 +161,14 @@ class OnnxRuntimeTarget(Target):
         from gptkiln.graph import optimize
         from gptkiln.graph.kv_buffer import share_kv_buffers
         from gptkiln.graph.last_logits import keep_last_logits
-        from gptkiln.graph.lookup_tables import quantize_lookup_tables
+        from gptkiln.graph.lookup_tables import gather_block_quantized
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
         concat_reason = share_kv_buffers(model, spec)
         kv_cache = "concat" if concat_reason else "in-place"
         all_logits_reason = keep_last_logits(model)
-        tables = quantize_lookup_tables(model)
+        tables = gather_block_quantized(model)  # the quantize stage's tables, gathered without a full dequantize
         out_dir.mkdir(parents=True, exist_ok=True)
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
         self.save_runtime_config(out_dir, {"intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache})

@@ -88,36 +88,6 @@ def make_stateful(model, spec: DecoderSpec) -> None:
     model.validate_nodes_and_infer_types()
 
 
-def compress_lookup_tables(model) -> list[str]:
-    """In a graph whose weights are already quantized: store the f32 tables that only feed a Gather's data input
-    (the token and position embeddings; a tied lm_head reads its own quantized copy) as uint8 per row,
-    asymmetric, in the decompression form the CPU plugin gathers from directly. Returns their names."""
-    import openvino as ov
-    import openvino.opset13 as opset
-
-    from gptkiln.graph.lookup_tables import quantize_rows  # the export stack: not on an edge install
-
-    constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
-    low_precision = {ov.Type.u8, ov.Type.i8, ov.Type.u4, ov.Type.i4}
-    if not any(op.get_output_element_type(0) in low_precision for op in constants):
-        return []  # fp32 weights: the tables stay exact
-    compressed = []
-    for op in constants:
-        consumers = list(op.output(0).get_target_inputs())
-        if (op.get_output_element_type(0) != ov.Type.f32 or len(op.get_output_shape(0)) != 2 or not consumers
-                or any(c.get_node().get_type_name() != "Gather" or c.get_index() != 0 for c in consumers)):
-            continue
-        table = op.get_data()
-        codes, scale, zero = quantize_rows(table, block=table.shape[1])  # one block a row
-        restored = opset.multiply(opset.subtract(opset.convert(opset.constant(codes), "f32"),
-                                                 opset.convert(opset.constant(zero), "f32")), opset.constant(scale))
-        for consumer in consumers:
-            consumer.replace_source_output(restored.output(0))
-        compressed.append(op.get_friendly_name())
-    model.validate_nodes_and_infer_types()
-    return compressed
-
-
 def stable_names(model) -> None:
     """OpenVINO names the nodes it makes `<Type>_<process-wide counter>` (and a folded constant keeps such a
     name), so a second build in one process would write a different IR; number them by position instead."""
@@ -231,7 +201,6 @@ class OpenVinoTarget(Target):
                 converted = ov.convert_model(str(portable))
                 if self.stateful:
                     make_stateful(converted, spec)
-                compressed_tables = compress_lookup_tables(converted)
             except Exception as exc:
                 raise ExportError(f"compile (openvino): conversion failed: {str(exc).splitlines()[0][:300]}",
                                   "report this with the model config") from exc
@@ -241,8 +210,7 @@ class OpenVinoTarget(Target):
         self.save_runtime_config(out_dir, compile_config(self.runtime))
         self.load(out_dir, spec)  # fail here, not on the user's device
         return {"model": IR_FILE, "stateful": self.stateful, "device": "CPU", "config": compile_config(self.runtime),
-                "openvino": ov.__version__, "fusion": fusion.to_dict(), "warnings": self.precision_warnings(ov),
-                "compressed_lookup_tables": compressed_tables}
+                "openvino": ov.__version__, "fusion": fusion.to_dict(), "warnings": self.precision_warnings(ov)}
 
     def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
         if not self.stateful:

@@ -1,59 +1,99 @@
+"""The lookup tables of a quantized build: stored by the quantize stage as a blocked DequantizeLinear in front of
+Gather, gathered from the same codes by every runtime (ONNX Runtime after its lowering to GatherBlockQuantized,
+OpenVINO as it is, TensorRT folded back to float)."""
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from gptkiln.graph.initializers import initializer
-from gptkiln.graph.lookup_tables import quantize_lookup_tables, table_block
+from gptkiln.graph.lookup_tables import (dequantize_lookup_tables, gather_block_quantized, quantize_lookup_tables,
+                                         quantize_rows, table_block)
+
+ROWS, WIDTH, BLOCK = 300, 576, 64
+IDS = np.array([[0, 5, 299, 17]], np.int64)
 
 
-def _embedding_graph(table: np.ndarray, weight_dtype=np.int8) -> ir.Model:
-    """ids -> Gather(table) -> MatMul(DequantizeLinear(w)): an embedding and one quantized linear layer."""
-    graph = ir.Graph([], [], nodes=[], opset_imports={"": 21}, name="g")
+def _embedding_graph(table: np.ndarray, opset: int = 21) -> ir.Model:
+    """ids -> Gather(table) -> MatMul(w): an embedding and one linear layer; both outputs are graph outputs."""
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": opset}, name="g")
     model = ir.Model(graph, ir_version=10)
     ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "sequence"]))
     graph.inputs.append(ids)
-    width = table.shape[1]
-    table_value = initializer(model, "embed.weight", table)
-    codes = initializer(model, "w.int8", np.ones((width, 8), weight_dtype))
-    scale = initializer(model, "w.scale", np.full((8,), 0.5, np.float32))
-    gather = ir.node("Gather", [table_value, ids], name="embed")
-    weight = ir.node("DequantizeLinear", [codes, scale], attributes={"axis": 1})
-    matmul = ir.node("MatMul", [gather.outputs[0], weight.outputs[0]])
-    for node in (gather, weight, matmul):
+    gather = ir.node("Gather", [initializer(model, "embed.weight", table), ids], name="embed")
+    matmul = ir.node("MatMul", [gather.outputs[0], initializer(model, "w", np.full((table.shape[1], 8), 0.5, np.float32))])
+    for node in (gather, matmul):
         graph.append(node)
-    matmul.outputs[0].name = "out"
-    graph.outputs.append(matmul.outputs[0])
+    gather.outputs[0].name, matmul.outputs[0].name = "rows", "out"
+    graph.outputs.extend([gather.outputs[0], matmul.outputs[0]])
     return model
 
 
-def _run(model: ir.Model, ids: np.ndarray) -> np.ndarray:
+def _table() -> np.ndarray:
+    table = np.random.default_rng(0).standard_normal((ROWS, WIDTH)).astype(np.float32)
+    table[0] = 0.0  # a padding row stays exactly zero
+    return table
+
+
+def _expected_rows(table: np.ndarray, bits: int) -> np.ndarray:
+    codes, scales, zeros = quantize_rows(table, BLOCK, bits)
+    rows = (codes.reshape(ROWS, -1, BLOCK) - zeros[..., None].astype(np.float32)) * scales[..., None]
+    return rows.reshape(ROWS, WIDTH)[IDS[0]]
+
+
+def _run_ort(model: ir.Model) -> np.ndarray:
     import onnxruntime as ort
 
-    proto = ir.serde.serialize_model(model)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"ids": ids})[0]
+    proto = ir.serde.serialize_model(model).SerializeToString()
+    return ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(["rows"], {"ids": IDS})[0][0]
 
 
-def test_a_quantized_build_gathers_from_a_uint8_table_with_the_same_result():
-    table = np.random.default_rng(0).standard_normal((300, 576)).astype(np.float32)
-    table[0] = 0.0  # a padding row stays exactly zero
-    ids = np.array([[0, 5, 299, 17]], np.int64)
-    before = _run(_embedding_graph(table), ids)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_table_is_stored_in_the_builds_bits_and_every_runtime_gathers_the_same_rows(bits, tmp_path):
+    table = _table()
     model = _embedding_graph(table)
-    assert quantize_lookup_tables(model) == ["embed.weight"]
-    ops = [node.op_type for node in model.graph]
-    assert "GatherBlockQuantized" in ops and "Gather" not in ops and "embed.weight" not in model.graph.initializers
-    assert model.graph.initializers["embed.weight.uint8"].const_value.dtype == ir.DataType.UINT8
-    after = _run(model, ids)
-    assert after[0, 0].tolist() == [0.0] * 8
-    # one uint8 step of a block's range per value, at most half of it off: |error| <= range / 510 per element
-    assert np.abs(after - before).max() <= 576 * (table.max() - table.min()) / 510 * 0.5
+    assert quantize_lookup_tables(model, bits) == ["embed.weight"]
+    assert "embed.weight" not in model.graph.initializers
+    dequantize = next(node for node in model.graph if node.op_type == "DequantizeLinear")
+    assert dequantize.attributes.get_int("block_size") == BLOCK and dequantize.attributes.get_int("axis") == 1
+    assert dequantize.inputs[0].const_value.dtype == (ir.DataType.UINT8 if bits == 8 else ir.DataType.UINT4)
+    expected = _expected_rows(table, bits)
+    assert expected[0].tolist() == [0.0] * WIDTH
+    # one step of a block's range per value, at most half of it off
+    assert np.abs(expected - table[IDS[0]]).max() <= (table.max() - table.min()) / (2**bits - 1) * 0.5 + 1e-6
+    np.testing.assert_allclose(_run_ort(model), expected, rtol=1e-6, atol=1e-6)  # the portable form, as it is
+
+    ov = pytest.importorskip("openvino")
+    path = tmp_path / "model.onnx"
+    ir.save(model, path)
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    np.testing.assert_allclose(compiled({"ids": IDS})["rows"][0], expected, rtol=1e-6, atol=1e-6)
+
+    lowered = ir.from_proto(ir.to_proto(model))
+    assert gather_block_quantized(lowered) == ["embed.weight.uint" + str(bits)]
+    ops = [node.op_type for node in lowered.graph]
+    assert "GatherBlockQuantized" in ops and "DequantizeLinear" not in ops and "Gather" not in ops
+    packed = next(v for name, v in lowered.graph.initializers.items() if name.endswith(".packed")).const_value
+    assert packed.dtype == ir.DataType.UINT8 and packed.shape[1] == WIDTH * bits // 8  # 4 bits: two codes a byte
+    np.testing.assert_allclose(_run_ort(lowered), expected, rtol=1e-6, atol=1e-6)
+
+    folded = ir.from_proto(ir.to_proto(model))
+    assert dequantize_lookup_tables(folded) == ["embed.weight.uint" + str(bits)]
+    assert [node.op_type for node in folded.graph] == ["Gather", "MatMul"]
+    np.testing.assert_allclose(_run_ort(folded), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_fp32_weights_keep_their_tables_exact():
-    table = np.ones((10, 64), np.float32)
-    model = _embedding_graph(table, weight_dtype=np.float32)
-    assert quantize_lookup_tables(model) == [] and "embed.weight" in model.graph.initializers
+def test_a_table_read_by_a_matmul_too_and_a_graph_below_opset_21_stay_float():
+    table = _table()
+    model = _embedding_graph(table, opset=17)
+    assert quantize_lookup_tables(model, 8) == [] and "embed.weight" in model.graph.initializers
+    tied = _embedding_graph(table)
+    transpose = ir.node("Transpose", [tied.graph.initializers["embed.weight"]], attributes={"perm": [1, 0]})
+    logits = ir.node("MatMul", [tied.graph.outputs[0], transpose.outputs[0]])
+    tied.graph.extend([transpose, logits])
+    logits.outputs[0].name = "logits"
+    tied.graph.outputs.append(logits.outputs[0])
+    assert quantize_lookup_tables(tied, 8) == []
 
 
 @pytest.mark.parametrize("row, block", [(576, 64), (768, 128), (192, 64), (48, 16), (100, None)])

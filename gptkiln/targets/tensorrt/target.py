@@ -99,10 +99,12 @@ class TensorRTTarget(Target):
         import onnx_ir as ir
 
         from gptkiln.graph import optimize
+        from gptkiln.graph.lookup_tables import dequantize_lookup_tables
         from gptkiln.targets.tensorrt.readiness import check as readiness_check, weight_types
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
+        float_tables = dequantize_lookup_tables(model)  # TensorRT dequantizes weights in front of a MatMul only
         profiles = derive_profiles(spec, self.engine)
         readiness = readiness_check(model, spec, profiles)
         if not readiness.ready:
@@ -120,7 +122,7 @@ class TensorRTTarget(Target):
         settings = {"model": MODEL_FILE, "readiness": readiness.to_dict(), "profiles": [p.to_dict() for p in profiles],
                     "hardware_compatibility": self.engine.hardware_compatibility,
                     "version_compatible": self.engine.version_compatible, "trtexec_script": TRTEXEC_SCRIPT,
-                    "sparse_weights": sparse, "fusion": fusion.to_dict()}
+                    "sparse_weights": sparse, "fusion": fusion.to_dict(), "float_lookup_tables": float_tables}
         missing = host_missing(readiness.minimum_tensorrt)
         if missing:
             return {**settings, "compiled": False, "missing": missing}
