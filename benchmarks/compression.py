@@ -57,14 +57,16 @@ def int4_rows(model: str, checkpoints: dict[str, Path], original_ppl: float, arg
             built = gptkiln.export(source, out, targets=[args.int4], quantize="int4", calibration=args.calibration,
                                    eval_text=args.eval_text, eval_tokens=args.eval_tokens, force=True, progress=True,
                                    **options).to_dict()
-            gate, size = "pass", sum(p.stat().st_size for p in (out / args.int4).iterdir()) / 1e6
-        except GptkilnError as error:  # over its own budget: still a point on the curve (nothing written: no size)
-            built, gate, size = error.details or {}, f"refused: {error.cause.splitlines()[0][:60]}", None
+            gate = "pass"
+        except GptkilnError as error:  # over its own budget: still a point on the curve
+            built, gate = error.details or {}, f"refused: {error.cause.splitlines()[0][:60]}"
         target = built.get("targets", {}).get(args.int4, {})
-        accuracy, bits = target.get("accuracy"), target.get("settings", {}).get("bits_per_weight")  # the engine's
+        settings = target.get("settings", {})
+        accuracy, bits = target.get("accuracy"), settings.get("bits_per_weight")  # the engine's files, not the tokenizer's
+        size = settings["engine_bytes"] / 1e6 if "engine_bytes" in settings else None
         seconds = time.perf_counter() - started
         ppl = accuracy["ppl"] if accuracy else None
-        rows.append((name, f"{size:.0f}" if size else "-", f"{bits:.2f}" if bits else "-",
+        rows.append((name, f"{size:.1f}" if size else "-", f"{bits:.2f}" if bits else "-",
                      f"{ppl:.3f}" if ppl else "-", f"{100 * (ppl / original_ppl - 1):+.1f}%" if ppl else "-", gate,
                      f"{seconds:.0f}"))
         records.append({"int4_of": name, "engine_mb": size, "bits_per_weight": bits, "accuracy": accuracy,

@@ -231,8 +231,13 @@ def test_quantized_graphs_for_tensorrt_are_ready(tmp_path, capsys, calibration_t
                  "--calibration", str(calibration_text), *options, "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    target = json.loads(captured.out)["targets"]["tensorrt"]
+    built = json.loads(captured.out)
+    target = built["targets"]["tensorrt"]
     assert target["settings"]["readiness"]["ready"] and not target["settings"]["readiness"]["warnings"]
+    # the quantize stage's tables (asymmetric blocks) are gathered from float: TensorRT quantizes MatMul weights only
+    tables = built["quantization"]["lookup_tables"]
+    assert sorted(tables) == ["transformer.wpe.weight", "transformer.wte.weight"]
+    assert sorted(target["settings"]["float_lookup_tables"]) == [f"{name}.uint{bits}" for name, bits in sorted(tables.items())]
     graph = ir.load(out / "tensorrt" / "model.onnx")
     dequantize = [n for n in graph.graph if n.op_type == "DequantizeLinear"]
     assert dequantize and all(len(n.inputs) < 3 or not n.inputs[2].const_value.numpy().any() for n in dequantize)
