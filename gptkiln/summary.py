@@ -52,16 +52,17 @@ def _quantized_rows(result, targets) -> list[tuple]:
              "batch row top-1: other rows changed", "alone", "engine MB", "bits/weight", "result")]
     for target in targets:
         accuracy = target.accuracy
-
-        def worst(kind: str) -> str:
-            values = [c.top1_agreement for c in target.parity.comparisons if c.name.startswith(kind)]
-            return f"{min(values):.1%}" if values else "-"  # other_rows: absent from earlier manifests
-
         rows.append((target.name, result.precision.value, f"{accuracy.ppl_reference:.3f} -> {accuracy.ppl:.3f}",
-                     f"{accuracy.ppl_increase_pct:+.2f}%", f"{accuracy.top1_agreement:.1%}", worst("other_rows"),
-                     worst("batch_vs_alone"), _megabytes(target.settings.get("engine_bytes")),
+                     f"{accuracy.ppl_increase_pct:+.2f}%", f"{accuracy.top1_agreement:.1%}",
+                     _worst_top1(target, "other_rows"), _worst_top1(target, "batch_vs_alone"),
+                     _megabytes(target.settings.get("engine_bytes")),
                      target.settings.get("bits_per_weight", "-"), "PASS" if not target.failures else "FAIL"))
     return rows
+
+
+def _worst_top1(target, kind: str) -> str:
+    values = [c.top1_agreement for c in target.parity.comparisons if c.name.startswith(kind)]
+    return f"{min(values):.1%}" if values else "-"  # other_rows: absent from earlier manifests
 
 
 def _megabytes(size: int | None) -> str:

@@ -86,11 +86,16 @@ class WeightFormat:
         return np.clip(np.round(rows / scale) + zero, low, high)
 
 
+def block_params(weight: np.ndarray, fmt: WeightFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points [K/B, N] of each block of a weight [K, N]."""
+    params = [fmt.params(block) for block in weight.reshape(-1, fmt.block_size, weight.shape[1])]
+    return np.stack([p[0] for p in params]), np.stack([p[1] for p in params])
+
+
 def quantize_rtn(weight: np.ndarray, fmt: WeightFormat):
     """(codes [K, N], scales [K/B, N], zero points [K/B, N]) by round to nearest."""
+    scales, zeros = block_params(weight, fmt)
     blocks = weight.reshape(-1, fmt.block_size, weight.shape[1])
-    params = [fmt.params(block) for block in blocks]
-    scales, zeros = np.stack([p[0] for p in params]), np.stack([p[1] for p in params])
     codes = np.concatenate([fmt.codes(block, s, z) for block, s, z in zip(blocks, scales, zeros)])
     return codes, scales, zeros
 
@@ -106,10 +111,8 @@ def quantize_gptq(weight: np.ndarray, hessian: np.ndarray, fmt: WeightFormat):
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead] = 0.0
-    rows, columns = w.shape
-    blocks = w.reshape(rows // fmt.block_size, fmt.block_size, columns)
-    params = [fmt.params(block) for block in blocks]
-    scales, zeros = np.stack([p[0] for p in params]), np.stack([p[1] for p in params])
+    rows = len(w)
+    scales, zeros = block_params(w, fmt)  # static groups: from the weights before any update
     order = np.argsort(-np.diag(h), kind="stable")
     group = order // fmt.block_size  # each row's block, in act order
     w, h = w[order], h[np.ix_(order, order)]
