@@ -36,7 +36,9 @@ def test_smollm2_weights_keep_their_names_and_group_by_role(smollm2_build):
     assert not [n for n, v in graph.graph.initializers.items() if n.startswith("val_") and v.const_value.size >= 64]
     layers = linear_layers(graph)
     roles = {layer.role(result.spec) for layer in layers}  # 7 linear layers of every block, and the (tied) lm_head
-    assert len(roles) == 8 and "model.layers.*.mlp.down_proj.weight" in roles
+    assert roles == {"model.layers.*.self_attn.q_proj+k_proj+v_proj.weight", "model.layers.*.self_attn.o_proj.weight",
+                     "model.layers.*.mlp.gate_proj+up_proj.weight", "model.layers.*.mlp.down_proj.weight",
+                     "model.embed_tokens.weight"}  # packed where they share an input (graph.packed_linears), named
     assert {result.spec.block_of(layer.name) for layer in layers} == {*range(30), None}
 
 

@@ -234,10 +234,13 @@ def test_quantized_graphs_for_tensorrt_are_ready(tmp_path, capsys, calibration_t
     built = json.loads(captured.out)
     target = built["targets"]["tensorrt"]
     assert target["settings"]["readiness"]["ready"] and not target["settings"]["readiness"]["warnings"]
-    # the quantize stage's tables (asymmetric blocks) are gathered from float: TensorRT quantizes MatMul weights only
+    # the quantize stage's tables are gathered from float: TensorRT quantizes MatMul weights only. wpe's own
+    # (asymmetric blocks); wte's are the tied lm_head's symmetric int4 codes, which the lm_head keeps
     tables = built["quantization"]["lookup_tables"]
     assert sorted(tables) == ["transformer.wpe.weight", "transformer.wte.weight"]
-    assert sorted(target["settings"]["float_lookup_tables"]) == [f"{name}.uint{bits}" for name, bits in sorted(tables.items())]
+    assert sorted(target["settings"]["float_lookup_tables"]) == (
+        ["transformer.wpe.weight.uint4", "transformer.wte.weight.int4"] if precision == "int4" else
+        ["transformer.wpe.weight.uint8", "transformer.wte.weight.uint8"])
     graph = ir.load(out / "tensorrt" / "model.onnx")
     dequantize = [n for n in graph.graph if n.op_type == "DequantizeLinear"]
     assert dequantize and all(len(n.inputs) < 3 or not n.inputs[2].const_value.numpy().any() for n in dequantize)

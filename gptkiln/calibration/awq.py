@@ -6,7 +6,8 @@ fp32 function is unchanged and the channels that carry large activations get fin
 chosen per site from a grid by the output error the site's layers would have with round-to-nearest
 codes, Σ tr(ΔWᵀ H ΔW) with H = Σ x xᵀ the Hessians GPTQ collects (rms(X_j)² ∝ H_jj). α = 0 (no scaling)
 is on the grid, so by that measure no site gets worse. The scaled activations' Hessians follow exactly,
-H / (s sᵀ), and GPTQ then rounds the scaled weights.
+H / (s sᵀ), and GPTQ then rounds the scaled weights. A tied lm_head is left unscaled, so that its codes are
+the embedding's too (weight_only.quantize_weights): on SmolLM2 that is 16 MB of 124 at 4 bits.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.calibration.layers import LinearLayer
+from gptkiln.calibration.layers import LinearLayer, tied_table
 from gptkiln.calibration.smoothquant import FoldSite, apply_scales, fold_sites
 from gptkiln.calibration.weight_only import WeightFormat, dequantize, quantize_rtn
 from gptkiln.models.spec import DecoderSpec
@@ -46,6 +47,8 @@ def awq_scale(model: ir.Model, layers: list[LinearLayer], hessians: dict[str, np
     report = []
     for site in sites:
         bar.step()
+        if any(tied_table(layer) is not None for layer in site.layers):
+            continue  # scaled, a tied lm_head would need its own copy of the table; unscaled, it shares the codes
         hessian = hessians[site.activation].astype(np.float64)
         formats = [fmt.for_rows(layer.weight().shape[0]) for layer in site.layers]
         if any(f is None for f in formats):

@@ -66,6 +66,14 @@ def linear_layers(model: ir.Model) -> list[LinearLayer]:
     return layers
 
 
+def tied_table(layer: LinearLayer) -> ir.Value | None:
+    """The table a tied lm_head reads through its Transpose, when the embedding's Gather reads it too."""
+    if not layer.transposed:
+        return None
+    table = layer.node.inputs[1].producer().inputs[0]
+    return table if any(node.op_type == "Gather" and index == 0 for node, index in table.uses()) else None
+
+
 MIN_WEIGHT_ELEMENTS = 64  # smaller constants are shapes, axes and scalars, not weights
 
 
@@ -85,6 +93,8 @@ def linear_bits(layer: LinearLayer) -> tuple[int, int]:
     """(weights, stored bits) of one linear layer: its fp32 weight, or the codes, scales and zero points
     of the DequantizeLinear in front of it."""
     source = layer.node.inputs[1].producer()
+    if source is not None and source.op_type == "Transpose" and source.inputs[0].producer() is not None:
+        source = source.inputs[0].producer()  # a tied lm_head reading the quantized table (tied_table)
     if source is None or source.op_type != "DequantizeLinear":
         size = layer.weight().size
         return size, size * 32

@@ -5,7 +5,7 @@
    for int4 awq-gptq;
 2. every linear layer quantized; the result scored (perplexity, top-1) against fp32 PyTorch;
    The lookup tables (embeddings) are stored in 8 bits, 4 in int4 builds (graph.lookup_tables), so every score
-   below is the engines' own;
+   below is the engines' own; a table a weight-only lm_head is tied to shares the lm_head's codes instead;
 3. over budget, the mixed-precision fallback keeps the most sensitive groups at a backup precision (weight-only
    int8, activations in float; fp32 for int8 itself; 8 bits for int4's tables) until the budget holds or half
    the groups are kept. A group is a layer role: the same linear layer in every transformer block
@@ -66,6 +66,7 @@ class QuantizedGraph:  # one trial's graph
     narrowed: dict[str, int]
     bits_per_weight: dict[str, float | None]
     lookup_tables: dict[str, int]  # table -> bits
+    tied_tables: set[str]  # those a tied lm_head shares: they take its precision, not the tables' group
 
 
 @dataclass
@@ -225,14 +226,14 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         elif precision is Precision.INT8_DYNAMIC:
             quantize_dynamic(model, rest)
         weight_only = (rest if precision.weight_only else []) + (in_kept if backup == "int8" else [])
-        not_quantizable, narrowed = [], {}
+        not_quantizable, narrowed, tied = [], {}, {}
         if weight_only:
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
             done = quantize_weights(model, weight_only, fmt or int8, hessians, {layer.name: int8 for layer in in_kept},
                                     progress if trial_count == 1 else QUIET, rounded)
-            not_quantizable, narrowed = done.skipped, done.narrowed
+            not_quantizable, narrowed, tied = done.skipped, done.narrowed, done.tied_tables
         in_bits = TABLE_BITS if TABLES in kept else table_bits
-        tables = dict.fromkeys(quantize_lookup_tables(model, in_bits), in_bits)
+        tables = tied | dict.fromkeys(quantize_lookup_tables(model, in_bits), in_bits)  # tied: the lm_head's bits
         path = work / f"trial-{trial_count}" / MODEL_FILE
         path.parent.mkdir(parents=True)
         ir.save(model, path, external_data=DATA_FILE)
@@ -240,7 +241,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         bits = {"model": round(weight_bits(model)[1] / weights, 3),  # the tables in their bits too
                 "linear_layers": round(sum(b for _, b in linear) / sum(n for n, _ in linear), 3) if linear else None}
         quantized = sum(1 for layer in rest if layer.name not in not_quantizable)
-        return QuantizedGraph(path, quantized, len(every), not_quantizable, narrowed, bits, tables)
+        return QuantizedGraph(path, quantized, len(every), not_quantizable, narrowed, bits, tables, set(tied))
 
     def attempt(kept: list[str]) -> tuple[QuantizedGraph, Trial]:
         graph = build(set(kept))
@@ -257,7 +258,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     graph, trial = attempt([])
     trials, kept, sensitivity = [trial], [], {}
     if not passes(trial) and settings.fallback and diverge is not None and len(groups) >= 2:
-        groups += [TABLES] if graph.lookup_tables and table_bits != TABLE_BITS else []
+        groups += [TABLES] if set(graph.lookup_tables) - graph.tied_tables and table_bits != TABLE_BITS else []
         progress.say(f"    over budget: ranking {len(groups)} layer groups by how much {backup} gives back")
         everything = diverge(graph.path)
         bar = progress.bar(len(groups), "sensitivity", "groups")

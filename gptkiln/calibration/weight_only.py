@@ -1,6 +1,9 @@
 """Weight-only int4 and int8, block-wise along the input dimension: a blocked DequantizeLinear
 (opset 21) in front of each MatMul, so activations stay fp32. ONNX Runtime turns each pair into
 MatMulNBits (4 or 8 bits) when the session is created; OpenVINO keeps the compressed weights.
+A tied lm_head's codes are laid out as the embedding table ([V, K], blocks along axis 1), and one
+DequantizeLinear feeds both the Gather and the lm_head's Transpose: the engines hold one copy
+(graph.lookup_tables lowers the pair per runtime).
 
 Codes are found by round-to-nearest or by GPTQ (Frantar et al. 2022), which rounds one
 input row at a time and spreads each row's rounding error over the rows not yet rounded,
@@ -9,13 +12,13 @@ weighted by the inverse Hessian sum(x xᵀ) of the calibration activations (act 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.calibration.layers import LinearLayer
+from gptkiln.calibration.layers import LinearLayer, tied_table
 from gptkiln.graph.initializers import initializer
 from gptkiln.progress import QUIET, Progress
 
@@ -147,6 +150,7 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.n
 class WeightOnlyResult:
     skipped: list[str]  # left in fp32: input size not a multiple of MIN_BLOCK
     narrowed: dict[str, int]  # given a smaller block than requested (their input size) -> that block
+    tied_tables: dict[str, int] = field(default_factory=dict)  # a table the lm_head shares -> its bits
 
 
 def quantize_weights(model: ir.Model, layers: list[LinearLayer], requested: WeightFormat,
@@ -179,14 +183,25 @@ def quantize_weights(model: ir.Model, layers: list[LinearLayer], requested: Weig
             codes, scales, zeros = quantize_rtn(weight, fmt)
         if done is not None:
             done[key] = codes, scales, zeros
-        code_type = fmt.code_type
-        inputs = [initializer(model, f"{layer.name}.int{fmt.bits}", codes.astype(code_type)),
-                  initializer(model, f"{layer.name}.scale", scales.astype(np.float32))]
-        if not fmt.symmetric:
-            inputs.append(initializer(model, f"{layer.name}.zero_point", zeros.astype(code_type)))
-        node = ir.node("DequantizeLinear", inputs, attributes={"axis": 0, "block_size": fmt.block_size})
-        model.graph.insert_before(layer.node, node)
-        layer.node.replace_input_with(1, node.outputs[0])
+        table = tied_table(layer)
+        if table is None:
+            node = _dequantize(model, layer.name, fmt, codes, scales, zeros, axis=0)
+            model.graph.insert_before(layer.node, node)
+            layer.node.replace_input_with(1, node.outputs[0])
+        else:  # one copy of the codes, laid out as the table: the Gather reads it, the Transpose feeds the lm_head
+            node = _dequantize(model, layer.name, fmt, codes.T, scales.T, zeros.T, axis=1)
+            model.graph.insert_before(next(iter(model.graph)), node)  # constant inputs only: first is in order
+            table.replace_all_uses_with(node.outputs[0])
+            model.graph.initializers.pop(table.name)
+            result.tied_tables[table.name] = fmt.bits
     bar.close()
     return result
+
+
+def _dequantize(model: ir.Model, name: str, fmt: WeightFormat, codes, scales, zeros, axis: int) -> ir.Node:
+    inputs = [initializer(model, f"{name}.int{fmt.bits}", codes.astype(fmt.code_type)),
+              initializer(model, f"{name}.scale", scales.astype(np.float32))]
+    if not fmt.symmetric:
+        inputs.append(initializer(model, f"{name}.zero_point", zeros.astype(fmt.code_type)))
+    return ir.node("DequantizeLinear", inputs, attributes={"axis": axis, "block_size": fmt.block_size})
 

@@ -6,12 +6,17 @@ in int4 builds, 4:
 
     Gather(table_f32, ids)  ==>  Gather(DequantizeLinear(codes, scales, zero_points, axis=1, block_size), ids)
 
+A table a weight-only lm_head is tied to holds the lm_head's codes instead (calibration.weight_only), and the same
+DequantizeLinear feeds the lm_head's Transpose -> MatMul: one copy of the codes (SmolLM2's int8: 30 MB less).
+
 so the fallback's trials are scored with the tables the engines hold (SmolLM2's 49,152 x 576 embedding: 113 MB
 in f32, 30 MB in 8 bits, 16 MB in 4). A decode step gathers one row, so those bytes are size, not time. Per target:
 - ONNX Runtime would dequantize the whole table at every step (62 ms for SmolLM2's): its compile lowers the
-  pair to com.microsoft GatherBlockQuantized on the same codes (uint8, two a byte in 4 bits);
+  pair to com.microsoft GatherBlockQuantized on the same codes (uint8, two a byte in 4 bits), and a tied lm_head
+  to MatMulNBits reading that same initializer (its own fusion leaves a DequantizeLinear with two readers alone);
 - OpenVINO gathers from the DequantizeLinear's compressed constant as it is;
-- TensorRT quantizes weights in front of a MatMul only: its compile folds the table back to float.
+- TensorRT quantizes weights in front of a MatMul only: its compile folds the table back to float (a tied
+  lm_head keeps a transposed copy of the codes).
 """
 
 from __future__ import annotations
@@ -88,51 +93,129 @@ def quantize_lookup_tables(model: ir.Model, bits: int) -> list[str]:
     return done
 
 
+def _table_readers(value: ir.Value) -> tuple[list[ir.Node], list[ir.Node]] | None:
+    """(its Gathers, the Transposes by which a tied lm_head reads it) of a table; None if anything else reads it."""
+    gathers, heads = [], []
+    for node, index in value.uses():
+        if node.op_type == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0:
+            gathers.append(node)
+        elif (node.op_type == "Transpose" and list(node.attributes.get_ints("perm", [1, 0])) == [1, 0]
+              and all(user.op_type == "MatMul" and i == 1 for user, i in node.outputs[0].uses())):
+            heads.append(node)
+        else:
+            return None
+    return (gathers, heads) if gathers else None
+
+
 def _quantized_tables(model: ir.Model):
-    """(DequantizeLinear node, its Gathers) for each table quantize_lookup_tables wrote."""
+    """(DequantizeLinear node, its Gathers, its lm_head Transposes) for each quantized table: quantize_lookup_tables'
+    and a tied lm_head's (calibration.weight_only)."""
     for node in list(model.graph):
-        if (node.op_type == "DequantizeLinear" and len(node.inputs) == 3 and node.attributes.get_int("axis", 0) == 1
-                and node.attributes.get_int("block_size", 0) and all(v.const_value is not None for v in node.inputs)
-                and _lookup_only(node.outputs[0])):
-            yield node, [gather for gather, _ in node.outputs[0].uses()]
+        if (node.op_type == "DequantizeLinear" and len(node.inputs) in (2, 3) and node.attributes.get_int("axis", 0) == 1
+                and node.attributes.get_int("block_size", 0) and all(v.const_value is not None for v in node.inputs)):
+            readers = _table_readers(node.outputs[0])
+            if readers is not None:
+                yield node, *readers
+
+
+def _unsigned_codes(dequantize: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(codes uint8 [V, K], scales f32 [V, K/block], zero points uint8 [V, K/block], bits) of a quantized table,
+    signed codes shifted to the unsigned grid (zero point 2**(bits-1))."""
+    codes, scales = (v.const_value.numpy() for v in dequantize.inputs[:2])
+    bits = 4 if codes.dtype in (ml_dtypes.int4, ml_dtypes.uint4) else 8
+    if len(dequantize.inputs) == 3:
+        zeros = dequantize.inputs[2].const_value.numpy().astype(np.int16)
+    else:
+        zeros = np.zeros(scales.shape, np.int16)
+    shift = 2 ** (bits - 1) if codes.dtype in (ml_dtypes.int4, np.int8) else 0
+    return ((codes.astype(np.int16) + shift).astype(np.uint8), scales.astype(np.float32),
+            (zeros + shift).astype(np.uint8), bits)
 
 
 def gather_block_quantized(model: ir.Model) -> list[str]:
     """ONNX Runtime: each quantized table's Gather(DequantizeLinear(...)) as com.microsoft GatherBlockQuantized on
-    the same codes; returns the tables' names."""
+    the same codes, and a tied lm_head's MatMul(x, Transpose(...)) as MatMulNBits on them too; returns the tables'
+    names."""
     done = []
-    for dequantize, gathers in _quantized_tables(model):
-        codes, scales, zeros = (v.const_value.numpy() for v in dequantize.inputs)
-        bits = 4 if codes.dtype == CODE_TYPES[4] else 8
-        codes, zeros = codes.astype(np.uint8), zeros.astype(np.uint8)
-        if bits == 4:
-            codes, zeros = pack_nibbles(codes), pack_nibbles(zeros)
+    for dequantize, gathers, heads in _quantized_tables(model):
+        codes, scales, zeros, bits = _unsigned_codes(dequantize)
+        block = dequantize.attributes.get_int("block_size")
         name = dequantize.inputs[0].name
-        inputs = [initializer(model, f"{name}.packed", codes), dequantize.inputs[1],
-                  initializer(model, f"{name}.zero_point.packed", zeros)]
-        for gather in gathers:
-            lowered = ir.node("GatherBlockQuantized", [inputs[0], gather.inputs[1], *inputs[1:]], domain="com.microsoft",
-                              attributes={"gather_axis": 0, "quantize_axis": 1, "bits": bits,
-                                          "block_size": dequantize.attributes.get_int("block_size")}, name=gather.name)
-            _replace(model, gather, lowered)
-        replaced = (dequantize.inputs[0], dequantize.inputs[2])
+        if heads:
+            _lower_tied(model, name, codes, scales, zeros, bits, block, gathers, heads)
+        else:
+            if bits == 4:
+                codes, zeros = pack_nibbles(codes), pack_nibbles(zeros)
+            inputs = [initializer(model, f"{name}.packed", codes), dequantize.inputs[1],
+                      initializer(model, f"{name}.zero_point.packed", zeros)]
+            for gather in gathers:
+                lowered = ir.node("GatherBlockQuantized", [inputs[0], gather.inputs[1], *inputs[1:]],
+                                  domain="com.microsoft", attributes={"gather_axis": 0, "quantize_axis": 1, "bits": bits,
+                                                                      "block_size": block}, name=gather.name)
+                _replace(model, gather, lowered)
+        replaced = list(dequantize.inputs)
         model.graph.remove(dequantize, safe=True)
         for value in replaced:
-            model.graph.initializers.pop(value.name)
+            if not value.uses():
+                model.graph.initializers.pop(value.name)
         done.append(name)
     if done:
         model.opset_imports.setdefault("com.microsoft", 1)
     return done
 
 
+MATMUL_NBITS_ACCURACY = 4  # int8 compute: what ORT's own DequantizeLinear -> MatMul fusion gives the other layers
+
+
+def _lower_tied(model: ir.Model, name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int,
+                block: int, gathers: list[ir.Node], heads: list[ir.Node]) -> None:
+    """One initializer in MatMulNBits' layout [V, K/block, block bytes (half in 4 bits)] for the lm_head (N = V)
+    and for GatherBlockQuantized (rank 3, quantized along the last axis, a Reshape back to [..., K])."""
+    vocab, width = codes.shape
+    blocks = (pack_nibbles(codes) if bits == 4 else codes).reshape(vocab, width // block, -1)
+    shared = initializer(model, f"{name}.blocks", blocks)
+    default_zeros = (zeros == 2 ** (bits - 1)).all()  # both ops' default for uint8 codes: a symmetric grid
+    gather_inputs = [initializer(model, f"{name}.scale.blocks", scales[..., None])]  # MatMulNBits wants them 2-D
+    if not default_zeros:
+        gather_inputs.append(initializer(model, f"{name}.zero_point.blocks", zeros[..., None]))  # low nibble in 4 bits
+    for gather in gathers:
+        ids = gather.inputs[1]
+        if ids.shape is None:
+            raise ValueError(f"the ids of '{gather.name}' have no known rank")
+        lowered = ir.node("GatherBlockQuantized", [shared, ids, *gather_inputs], domain="com.microsoft",
+                          attributes={"gather_axis": 0, "quantize_axis": 2, "bits": bits, "block_size": block})
+        shape = initializer(model, f"{gather.name}.rows", np.array([0] * len(ids.shape) + [width], np.int64))
+        model.graph.insert_before(gather, lowered)
+        _replace(model, gather, ir.node("Reshape", [lowered.outputs[0], shape], name=gather.name))
+    head_inputs = [initializer(model, f"{name}.scale.rows", scales)]
+    if not default_zeros:
+        head_inputs.append(initializer(model, f"{name}.zero_point.rows", pack_nibbles(zeros) if bits == 4 else zeros))
+    for transpose in heads:
+        for matmul, _ in list(transpose.outputs[0].uses()):
+            _replace(model, matmul, ir.node(
+                "MatMulNBits", [matmul.inputs[0], shared, *head_inputs], domain="com.microsoft", name=matmul.name,
+                attributes={"K": width, "N": vocab, "bits": bits, "block_size": block,
+                            "accuracy_level": MATMUL_NBITS_ACCURACY}))
+        model.graph.remove(transpose, safe=True)
+
+
 def dequantize_lookup_tables(model: ir.Model) -> list[str]:
-    """TensorRT: each quantized table back in float (the values its codes stand for); returns the tables' names."""
+    """TensorRT: each quantized table back in float (the values its codes stand for) for its Gathers; a tied lm_head
+    keeps the codes, transposed to the [K, V] weight a DequantizeLinear -> MatMul takes. Returns the tables' names."""
     done = []
-    for dequantize, _ in _quantized_tables(model):
-        codes, scales, zeros = (v.const_value.numpy().astype(np.float32) for v in dequantize.inputs)
-        block = dequantize.attributes.get_int("block_size")
-        table = (codes - np.repeat(zeros, block, axis=1)) * np.repeat(scales, block, axis=1)
-        name = dequantize.inputs[0].name
+    for dequantize, _, heads in _quantized_tables(model):
+        name, block = dequantize.inputs[0].name, dequantize.attributes.get_int("block_size")
+        arrays = [v.const_value.numpy() for v in dequantize.inputs]
+        for transpose in heads:
+            head = ir.node("DequantizeLinear", [initializer(model, f"{v.name}.T", np.ascontiguousarray(a.T)) for v, a in
+                                                zip(dequantize.inputs, arrays)],
+                           attributes={"axis": 0, "block_size": block}, name=f"{name}.lm_head")
+            model.graph.insert_before(transpose, head)
+            transpose.outputs[0].replace_all_uses_with(head.outputs[0])
+            model.graph.remove(transpose, safe=True)
+        codes, scales, *zeros = (a.astype(np.float32) for a in arrays)
+        offsets = np.repeat(zeros[0], block, axis=1) if zeros else 0.0
+        table = (codes - offsets) * np.repeat(scales, block, axis=1)
         ir.convenience.replace_all_uses_with(dequantize.outputs[0], initializer(model, f"{name}.float", table))
         inputs = list(dequantize.inputs)
         model.graph.remove(dequantize, safe=True)

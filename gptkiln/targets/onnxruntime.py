@@ -162,6 +162,7 @@ class OnnxRuntimeTarget(Target):
         from gptkiln.graph.kv_buffer import share_kv_buffers
         from gptkiln.graph.last_logits import keep_last_logits
         from gptkiln.graph.lookup_tables import gather_block_quantized
+        from gptkiln.graph.packed_linears import pack_linears
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
@@ -169,6 +170,7 @@ class OnnxRuntimeTarget(Target):
         kv_cache = "concat" if concat_reason else "in-place"
         all_logits_reason = keep_last_logits(model)
         tables = gather_block_quantized(model)  # the quantize stage's tables, gathered without a full dequantize
+        packed = pack_linears(model)
         out_dir.mkdir(parents=True, exist_ok=True)
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
         self.save_runtime_config(out_dir, {"intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache})
@@ -181,7 +183,7 @@ class OnnxRuntimeTarget(Target):
                 "providers": providers(), "onnxruntime": ort.__version__,
                 "intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache,
                 **({"kv_cache_concat_reason": concat_reason} if concat_reason else {}),
-                "last_logits": all_logits_reason is None, "quantized_lookup_tables": tables,
+                "last_logits": all_logits_reason is None, "quantized_lookup_tables": tables, "packed_linears": packed,
                 **({"last_logits_reason": all_logits_reason} if all_logits_reason else {}), "fusion": fusion.to_dict()}
 
     def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:

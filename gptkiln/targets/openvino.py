@@ -189,10 +189,12 @@ class OpenVinoTarget(Target):
         import onnx_ir as ir
 
         from gptkiln.graph import optimize
+        from gptkiln.graph.packed_linears import pack_linears
 
         ov = _import_openvino()
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
+        packed = pack_linears(model)
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             portable = Path(tmp) / "model.onnx"
@@ -210,7 +212,8 @@ class OpenVinoTarget(Target):
         self.save_runtime_config(out_dir, compile_config(self.runtime))
         self.load(out_dir, spec)  # fail here, not on the user's device
         return {"model": IR_FILE, "stateful": self.stateful, "device": "CPU", "config": compile_config(self.runtime),
-                "openvino": ov.__version__, "fusion": fusion.to_dict(), "warnings": self.precision_warnings(ov)}
+                "openvino": ov.__version__, "fusion": fusion.to_dict(), "packed_linears": packed,
+                "warnings": self.precision_warnings(ov)}
 
     def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
         if not self.stateful:

@@ -87,15 +87,80 @@ def test_a_table_read_by_a_matmul_too_and_a_graph_below_opset_21_stay_float():
     table = _table()
     model = _embedding_graph(table, opset=17)
     assert quantize_lookup_tables(model, 8) == [] and "embed.weight" in model.graph.initializers
-    tied = _embedding_graph(table)
-    transpose = ir.node("Transpose", [tied.graph.initializers["embed.weight"]], attributes={"perm": [1, 0]})
-    logits = ir.node("MatMul", [tied.graph.outputs[0], transpose.outputs[0]])
-    tied.graph.extend([transpose, logits])
-    logits.outputs[0].name = "logits"
-    tied.graph.outputs.append(logits.outputs[0])
-    assert quantize_lookup_tables(tied, 8) == []
+    assert quantize_lookup_tables(_tied_graph(table), 8) == []  # a float lm_head reads it: the table stays too
 
 
 @pytest.mark.parametrize("row, block", [(576, 64), (768, 128), (192, 64), (48, 16), (100, None)])
 def test_block_is_the_largest_power_of_two_that_divides_the_row(row, block):
     assert table_block(row) == block
+
+
+def _tied_graph(table: np.ndarray) -> ir.Model:
+    """The embedding graph with a tied lm_head: logits = MatMul(rows, Transpose(table))."""
+    model = _embedding_graph(table)
+    transpose = ir.node("Transpose", [model.graph.initializers["embed.weight"]], attributes={"perm": [1, 0]})
+    logits = ir.node("MatMul", [model.graph.outputs[0], transpose.outputs[0]])
+    model.graph.extend([transpose, logits])
+    logits.outputs[0].name = "logits"
+    model.graph.outputs.append(logits.outputs[0])
+    return model
+
+
+@pytest.mark.parametrize("bits, symmetric", [(8, True), (4, False), (4, True)])
+def test_a_tied_lm_head_and_its_table_share_one_copy_of_the_codes_on_every_runtime(bits, symmetric, tmp_path):
+    """A weight-only lm_head tied to the embedding stores its codes once, as the table, and every runtime gathers
+    the rows and computes the logits those codes stand for."""
+    from gptkiln.calibration.layers import linear_layers, weight_bits
+    from gptkiln.calibration.weight_only import WeightFormat, dequantize, quantize_rtn, quantize_weights
+
+    table = _table()
+    model = _tied_graph(table)
+    (lm_head,) = [layer for layer in linear_layers(model) if layer.transposed]
+    fmt = WeightFormat(32, symmetric, bits)
+    codes, scales, zeros = quantize_rtn(table.T, fmt)
+    weight = dequantize(codes.astype(np.float32), scales, zeros)  # [K, V], as the lm_head sees it
+    result = quantize_weights(model, [lm_head], fmt)
+    assert result.tied_tables == {"embed.weight": bits}
+    assert "embed.weight" not in model.graph.initializers and quantize_lookup_tables(model, 8) == []
+    codes_bits = {v.const_value.size * v.const_value.dtype.bitwidth for v in model.graph.initializers.values()
+                  if v.name.startswith("embed.weight.int")}
+    assert codes_bits == {ROWS * WIDTH * bits}  # one copy of the codes
+    assert weight_bits(model)[1] < ROWS * WIDTH * (bits + 2)  # and nothing else the table's size
+    rows = weight.T[IDS[0]]
+    expected = {"rows": rows, "logits": rows @ weight}
+
+    def check(outputs: dict, rtol: float = 1e-5):
+        for name, want in expected.items():
+            np.testing.assert_allclose(outputs[name].reshape(want.shape), want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+    import onnxruntime as ort
+
+    def run_ort(graph: ir.Model, fuse: bool = True) -> dict:
+        options = ort.SessionOptions()
+        if not fuse:  # ORT's own DequantizeLinear -> MatMul fusion rounds the activations to int8, as lowering does
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(ir.serde.serialize_model(graph).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        return dict(zip(["rows", "logits"], session.run(["rows", "logits"], {"ids": IDS})))
+
+    check(run_ort(model))  # the portable form
+    lowered = ir.from_proto(ir.to_proto(model))
+    assert gather_block_quantized(lowered) == [f"embed.weight.int{bits}"]
+    ops = [node.op_type for node in lowered.graph]
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= set(ops) and not {"DequantizeLinear", "Transpose"} & set(ops)
+    (matmul,) = [node for node in lowered.graph if node.op_type == "MatMulNBits"]
+    (gather,) = [node for node in lowered.graph if node.op_type == "GatherBlockQuantized"]
+    assert matmul.inputs[1] is gather.inputs[0]  # one initializer
+    check(run_ort(lowered), rtol=2e-2)  # MatMulNBits at accuracy level 4 rounds the activations to int8
+
+    folded = ir.from_proto(ir.to_proto(model))
+    assert dequantize_lookup_tables(folded) == [f"embed.weight.int{bits}"]
+    assert [node.op_type for node in folded.graph] == ["Gather", "MatMul", "DequantizeLinear", "MatMul"]
+    check(run_ort(folded, fuse=False))
+
+    ov = pytest.importorskip("openvino")
+    path = tmp_path / "model.onnx"
+    ir.save(model, path)
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                           "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})  # as gptkiln's
+    check({name: compiled({"ids": IDS})[name] for name in expected})
