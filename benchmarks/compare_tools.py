@@ -1,7 +1,7 @@
 """gptkiln against the tools users would otherwise pick, every one measured by `gptkiln bench`'s own code in one run.
 
     python benchmarks/compare_tools.py MODEL [--optimum DIR] [--optimum-intel DIR] [--genai DIR] [--concat-cache]
-                                             [--threads 2] [--repeats 3]
+                                             [--gptkiln OUTPUT ...] [--threads 2] [--repeats 3]
                                              [--precision fp32|int8|int4 ...] [--int4-block-size N ...]
 
 MODEL: reference, preset:gpt2 (the GPT-2 small shape) or a model path (SmolLM2's GGUF file). In one
@@ -14,6 +14,8 @@ TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
   code `gptkiln export` runs (quantize + target.compile), without its accuracy gate: the random-weight
   preset fails it by design (benchmarks/RESULTS.md). fp32 on openvino runs twice: as built (f32 KV cache)
   and with --kv-cache-precision f16, the counterpart of optimum-intel's default config;
+- --gptkiln OUTPUT (repeatable): gptkiln's rows are these `gptkiln export` outputs instead, each target as
+  built and gated (a quantized build as its fallback kept it), in place of the ungated builds above;
 - --concat-cache: each onnxruntime engine also in the form gptkiln built before its in-place KV cache
   (Concat of past and new, every logit row): the A/B of gptkiln.graph.kv_buffer and last_logits;
 - --genai DIR: onnxruntime-genai builder outputs, DIR/{fp32,int8,int4} (`python -m
@@ -44,7 +46,8 @@ from pathlib import Path
 
 from gptkiln.bench.measure import BenchSettings, Variant, available_cores
 from gptkiln.bench.report import chart, summary, table
-from gptkiln.bench.run import engine_variant, load_onnx_file, load_openvino_ir, measure_all, pytorch_variant
+from gptkiln.bench.run import (engine_variant, load_onnx_file, load_openvino_ir, measure_all, output_variants,
+                               pytorch_variant)
 from gptkiln.bench.traffic import onnx_weight_bytes, openvino_weight_bytes
 from gptkiln.calibration.data import calibration_set, read_texts
 from gptkiln.calibration.perplexity import EvalText, Evaluation
@@ -53,6 +56,7 @@ from gptkiln.config import AccuracyBudget, CalibrationSettings, Precision, Quant
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.graph import optimize
+from gptkiln.manifest import read_manifest
 from gptkiln.models.loading import load_model
 from gptkiln.progress import Progress
 from gptkiln.targets import get_target
@@ -124,6 +128,21 @@ def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, fam
     return variants
 
 
+def built_variants(outputs: list[Path], families: set[str], accuracy: dict) -> list[Variant]:
+    """Every target of gated `gptkiln export` outputs, labelled as the built rows are; their gate's accuracy (the
+    first target's: each is scored on the same windows) goes to `accuracy` under the precision."""
+    variants = []
+    for output in outputs:
+        manifest = read_manifest(output)
+        if family(manifest["precision"]) not in families:
+            continue
+        variants += [replace(v, name=f"gptkiln {v.name}") for v in output_variants(output, manifest)]
+        first = next(iter(manifest["targets"].values()))
+        if manifest["precision"] != "fp32" and first.get("accuracy"):
+            accuracy[manifest["precision"]] = first["accuracy"]
+    return variants
+
+
 def compile_concat_form(graph: Path, directory: Path, spec) -> None:
     """The onnxruntime engine as gptkiln compiled it before gptkiln.graph.kv_buffer and last_logits: the fusions
     only (the Concat cache, every logit row), loaded by the same target code (its runtime config says concat)."""
@@ -177,6 +196,7 @@ def main() -> None:
     parser.add_argument("--optimum", type=Path, help="optimum-onnx exports (see the docstring)")
     parser.add_argument("--optimum-intel", type=Path, help="optimum-intel IRs (see the docstring)")
     parser.add_argument("--genai", type=Path, help="onnxruntime-genai builder outputs (see the docstring)")
+    parser.add_argument("--gptkiln", type=Path, action="append", help="a gated `gptkiln export` output (repeatable)")
     parser.add_argument("--concat-cache", action="store_true",
                         help="also the onnxruntime engines in their former Concat-cache form")
     parser.add_argument("--threads", type=int, default=available_cores())
@@ -204,8 +224,11 @@ def main() -> None:
             variants.append(pytorch_variant(args.model, compiled=True))
         accuracy: dict = {}
         families = set(args.precision or FAMILIES)
-        variants += gptkiln_variants(loaded, work, progress, accuracy, families,
-                                     args.int4_block_size or [QuantSettings.int4_block_size], args.concat_cache)
+        if args.gptkiln:
+            variants += built_variants(args.gptkiln, families, accuracy)
+        else:
+            variants += gptkiln_variants(loaded, work, progress, accuracy, families,
+                                         args.int4_block_size or [QuantSettings.int4_block_size], args.concat_cache)
         if args.genai:
             variants += genai_variants(args.genai, spec, settings, families)
         if args.optimum:
@@ -218,7 +241,7 @@ def main() -> None:
     report["gptkiln_accuracy"] = accuracy  # perplexity / top-1 against fp32 PyTorch, per quantized precision
     label = Path(args.model).stem if Path(args.model).exists() else args.model.replace(":", "_")
     stem = f"compare_tools-{label}" + "".join(f"-{f}" for f in args.precision or [])
-    stem += "".join(f"-g{b}" for b in args.int4_block_size or [])
+    stem += "".join(f"-g{b}" for b in args.int4_block_size or []) + ("-built" if args.gptkiln else "")
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     chart(report, HERE / "results" / f"{stem}.png")
     print(summary(report))
