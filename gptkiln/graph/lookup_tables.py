@@ -153,11 +153,7 @@ def gather_block_quantized(model: ir.Model) -> list[str]:
                                   domain="com.microsoft", attributes={"gather_axis": 0, "quantize_axis": 1, "bits": bits,
                                                                       "block_size": block}, name=gather.name)
                 _replace(model, gather, lowered)
-        replaced = list(dequantize.inputs)
-        model.graph.remove(dequantize, safe=True)
-        for value in replaced:
-            if not value.uses():
-                model.graph.initializers.pop(value.name)
+        _remove_with_unused_inputs(model, dequantize)
         done.append(name)
     if done:
         model.opset_imports.setdefault("com.microsoft", 1)
@@ -217,13 +213,18 @@ def dequantize_lookup_tables(model: ir.Model) -> list[str]:
         offsets = np.repeat(zeros[0], block, axis=1) if zeros else 0.0
         table = (codes - offsets) * np.repeat(scales, block, axis=1)
         ir.convenience.replace_all_uses_with(dequantize.outputs[0], initializer(model, f"{name}.float", table))
-        inputs = list(dequantize.inputs)
-        model.graph.remove(dequantize, safe=True)
-        for value in inputs:
-            if not value.uses():
-                model.graph.initializers.pop(value.name)
+        _remove_with_unused_inputs(model, dequantize)
         done.append(name)
     return done
+
+
+def _remove_with_unused_inputs(model: ir.Model, dequantize: ir.Node) -> None:
+    """Remove a table's DequantizeLinear (nothing reads it now) and the initializers only it read."""
+    inputs = list(dequantize.inputs)
+    model.graph.remove(dequantize, safe=True)
+    for value in inputs:
+        if not value.uses():
+            model.graph.initializers.pop(value.name)
 
 
 def _replace(model: ir.Model, old: ir.Node, new: ir.Node) -> None:
