@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptkiln.calibration.perplexity import EvalText, Evaluation, Scores, _log_softmax, compare
+from gptkiln.calibration.perplexity import EvalText, Evaluation, Scores, compare, token_scores
 from gptkiln.models.loading import load_model
 
 from tables import markdown_table
@@ -76,11 +76,7 @@ FP32_TOLERANCE_PCT = 0.1  # an fp32 build's perplexity must match fp32 PyTorch's
 
 def scores(windows: np.ndarray, logits_of) -> Scores:
     """perplexity.score() from one window's [WINDOW, vocab] logits at a time."""
-    nll, top1 = [], []
-    for ids in windows:
-        log_probs = _log_softmax(np.asarray(logits_of(ids), dtype=np.float64)[:-1])
-        nll.append(-np.take_along_axis(log_probs, ids[1:, None], axis=-1)[:, 0])
-        top1.append(log_probs.argmax(-1))
+    nll, top1 = zip(*(token_scores(np.asarray(logits_of(ids))[:-1], ids[1:]) for ids in windows))
     return Scores(float(np.concatenate(nll).mean()), np.stack(top1))
 
 

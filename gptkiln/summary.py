@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 
@@ -69,8 +70,19 @@ def _megabytes(size: int | None) -> str:
     return f"{size / 1e6:.1f}" if size else "-"  # absent from earlier manifests
 
 
+def _compact(names: list[str]) -> list[str]:
+    """Layer names that differ only in one number as one: model.layers.{1,4,12}.mlp.down_proj.weight."""
+    numbers: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        match = re.fullmatch(r"(.*?\.)(\d+)(\..*)", name)
+        key = (match.group(1), match.group(3)) if match else (name, "")
+        numbers.setdefault(key, []).append(match.group(2) if match else "")
+    return [f"{head}{{{','.join(found)}}}{tail}" if len(found) > 1 else f"{head}{found[0]}{tail}"
+            for (head, tail), found in numbers.items()]
+
+
 def _quant_line(quantization: dict) -> str:
-    kept = ", ".join(quantization.get("kept", quantization.get("kept_fp32", []))) or "none"  # kept_fp32: older
+    kept = ", ".join(_compact(quantization.get("kept", quantization.get("kept_fp32", [])))) or "none"  # fp32: old
     kept_precision = quantization.get("kept_precision", "fp32")
     smoothed = len(quantization["smoothing"])
     alphas = sorted({s["alpha"] for s in quantization["smoothing"] if "alpha" in s})  # absent from earlier manifests

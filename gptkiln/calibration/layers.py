@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.graph.initializers import initializer
+from gptkiln.graph.initializers import initializer, stored_half
 from gptkiln.models.spec import DecoderSpec
 
 
@@ -90,15 +90,17 @@ def weight_bits(model: ir.Model) -> tuple[int, int]:
 
 
 def linear_bits(layer: LinearLayer) -> tuple[int, int]:
-    """(weights, stored bits) of one linear layer: its fp32 weight, or the codes, scales and zero points
-    of the DequantizeLinear in front of it."""
+    """(weights, stored bits) of one linear layer: its fp32 weight, or the codes, scales (fp16: half_constant)
+    and zero points of the DequantizeLinear in front of it."""
     source = layer.node.inputs[1].producer()
     if source is not None and source.op_type == "Transpose" and source.inputs[0].producer() is not None:
         source = source.inputs[0].producer()  # a tied lm_head reading the quantized table (tied_table)
     if source is None or source.op_type != "DequantizeLinear":
         size = layer.weight().size
         return size, size * 32
-    parts = [value.const_value for value in source.inputs if value is not None and value.const_value is not None]
+    stored = [value if value.const_value is not None else stored_half(value)
+              for value in source.inputs if value is not None]
+    parts = [value.const_value for value in stored if value is not None]
     return parts[0].size, sum(part.size * part.dtype.bitwidth for part in parts)
 
 

@@ -10,7 +10,10 @@
    int8, activations in float; fp32 for int8 itself; 8 bits for int4's tables) until the budget holds or half
    the groups are kept. A group is a layer role: the same linear layer in every transformer block
    (`model.layers.*.mlp.down_proj.weight`), or one outside the blocks (the lm_head); 8 for a Llama; plus, in
-   int4 builds, the lookup tables.
+   int4 builds, the lookup tables. Where GPTQ's Hessians are at hand (int4 gptq, awq-gptq), a kept role is then
+   narrowed to its layers: ranked by the output error that int8 removes from each (Σ tr(ΔWᵀ H ΔW), no
+   evaluation needed), the fewest of them that still meet the budget are kept (their count found by
+   interpolating the perplexity between the nearest failing and passing counts, at most 5 evaluations).
    Measured on SmolLM2, rounding error sits in roles across the blocks, not in a few blocks. Each group's
    sensitivity is how much leaving it alone at the backup precision brings the model's next-token
    distributions back to fp32's (a Probe: one batch of windows, a fraction of an evaluation); the number
@@ -19,6 +22,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
 from gptkiln.calibration.qdq import activation_threshold, quantize_dynamic, quantize_w8a8
 from gptkiln.calibration.smoothquant import Smoothed, float_channels, smooth
 from gptkiln.calibration.statistics import collect
-from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, quantize_weights
+from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, dequantize, quantize_weights
 from gptkiln.config import (AUTO_ALPHA, DYNAMIC_ALPHA, FLOAT_RATIO, FLOAT_SHARE, AccuracyBudget, ActivationCalibration,
                             Int4Method, Precision, QuantSettings)
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
@@ -92,6 +96,8 @@ class QuantResult:
     bits_per_weight: dict[str, float | None] = field(default_factory=dict)
     float_channels: dict[str, list[int]] = field(default_factory=dict)  # W8A8: activation -> channels kept in float
     lookup_tables: dict[str, int] = field(default_factory=dict)  # embeddings only Gather reads -> their bits
+    # a kept role narrowed to some of its layers: each kept layer -> the output error int8 removes (_int8_gains)
+    output_error: dict[str, float] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> AccuracyReport:
@@ -105,7 +111,8 @@ class QuantResult:
                 "calibration": self.calibration, "statistics_cached": self.statistics_cached,
                 "accuracy": self.accuracy.to_dict(), "trials": [t.to_dict() for t in self.trials],
                 "sensitivity": self.sensitivity, "bits_per_weight": self.bits_per_weight,
-                "float_channels": self.float_channels, "lookup_tables": self.lookup_tables}
+                "float_channels": self.float_channels, "lookup_tables": self.lookup_tables,
+                "output_error": self.output_error}
 
 
 def method_description(precision: Precision, settings: QuantSettings, calibrated: bool = True) -> dict:
@@ -219,8 +226,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         trial_count += 1
         model = ir.load(base)
         every = linear_layers(model)
-        in_kept = [layer for layer in every if layer.role(spec) in kept]
-        rest = [layer for layer in every if layer.role(spec) not in kept]
+        in_kept = [layer for layer in every if layer.role(spec) in kept or layer.name in kept]
+        rest = [layer for layer in every if layer not in in_kept]
         if precision is Precision.W8A8:
             quantize_w8a8(model, rest, thresholds, floating)
         elif precision is Precision.INT8_DYNAMIC:
@@ -256,7 +263,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         return not accuracy_failures(trial.accuracy, budget)
 
     graph, trial = attempt([])
-    trials, kept, sensitivity = [trial], [], {}
+    trials, kept, sensitivity, output_error = [trial], [], {}, {}
     if not passes(trial) and settings.fallback and diverge is not None and len(groups) >= 2:
         groups += [TABLES] if set(graph.lookup_tables) - graph.tied_tables and table_bits != TABLE_BITS else []
         progress.say(f"    over budget: ranking {len(groups)} layer groups by how much {backup} gives back")
@@ -271,7 +278,23 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         ranked = sorted(groups, key=sensitivity.get, reverse=True)
         progress.say(f"    most sensitive: {', '.join(ranked[:3])}")
         graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes)
-        trials += [t for t in tried if t is not trial] + [trial]  # the kept graph's trial last: it is the result
+        trials += [t for t in tried if t is not trial]
+        for role in [role for role in kept if role != TABLES] if passes(trial) and hessians is not None else []:
+            gains = _int8_gains([layer for layer in layers if layer.role(spec) == role], hessians, rounded, fmt, int8)
+            if len(gains) < 2:
+                continue
+            others = [k for k in kept if k != role]
+            progress.say(f"    narrowing {role} to its layers, ranked by the output error int8 removes from each")
+            narrowed_graph, narrowed_trial, layers_kept, tried = _search_narrowed(
+                sorted(gains, key=gains.get, reverse=True), lambda names: attempt(others + names), passes,
+                (graph, trial), budget.max_ppl_increase_pct)
+            if passes(narrowed_trial):
+                trials += [trial] + [t for t in tried if t is not narrowed_trial]
+                graph, trial, kept = narrowed_graph, narrowed_trial, others + layers_kept
+                output_error.update({name: float(f"{gains[name]:.6g}") for name in layers_kept})
+            else:
+                trials += tried
+        trials.append(trial)  # the kept graph's trial last: it is the result
     for directory in work.glob("trial-*"):
         if directory != graph.path.parent:
             shutil.rmtree(directory)
@@ -279,7 +302,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
                        graph.quantized, graph.total, kept, backup, graph.not_quantizable, graph.narrowed, smoothing,
                        scaling, calibration.source if calibration else None, cached, trials, sensitivity,
                        graph.bits_per_weight, {name: channels.tolist() for name, channels in floating.items()},
-                       graph.lookup_tables)
+                       graph.lookup_tables, output_error)
 
 
 SMOOTHING_TOLERANCE = 1e-3  # of max |logit|: float rounding of the rescaled weights is ~1e-6
@@ -304,6 +327,56 @@ def _check_function_kept(prepared: Path, smoothed: Path, calibration: Calibratio
         raise ExportError(f"SmoothQuant changed the fp32 model's logits by {rel:.3g} of their scale "
                           f"(limit {SMOOTHING_TOLERANCE:g}): a fold does not fit this graph",
                           "build with --no-smoothquant, and report this with the model config")
+
+
+def _int8_gains(layers: list, hessians: dict[str, np.ndarray], rounded: dict, fmt: WeightFormat,
+                backup: WeightFormat) -> dict[str, float]:
+    """Each layer's output error on the calibration set, Σ tr(ΔWᵀ H ΔW) with H = Σ x xᵀ, in `fmt` less in
+    `backup`: what keeping that layer alone at the backup removes. Layers without both codes are left out."""
+    gains = {}
+    for layer in layers:
+        weight, hessian = layer.weight(), hessians[layer.activation.name]
+        errors = []
+        for form in (fmt.for_rows(weight.shape[0]), backup.for_rows(weight.shape[0])):
+            if (layer.name, form) not in rounded:
+                break
+            delta = weight - dequantize(*rounded[(layer.name, form)])
+            errors.append(float(np.sum((hessian @ delta) * delta)))
+        if len(errors) == 2:
+            gains[layer.name] = errors[0] - errors[1]
+    return gains
+
+
+MAX_NARROWING_TRIALS = 5
+
+
+def _search_narrowed(ranked: list[str], attempt, passes, everything: tuple, target_pct: float) -> tuple:
+    """The fewest of the ranked layers to keep for the budget to hold, `everything` = (graph, trial) with all of them
+    kept being known to pass: 1 first, then each count interpolated on the perplexity increase between the largest
+    count that failed and the smallest that passed (it falls fastest over the first layers, so the guess lands just
+    on the passing side), bisected when two guesses in a row fell on the same side; at most MAX_NARROWING_TRIALS
+    evaluations. Returns (graph, trial, kept, the trials made); when none passes, the last trial (not passing)."""
+    failed, failed_pct = 0, None
+    passing, (best_graph, best_trial) = len(ranked), everything
+    count, tried, outcomes = 1, [], []
+    while passing - failed > 1 and len(tried) < MAX_NARROWING_TRIALS:
+        graph, trial = attempt(ranked[:count])
+        tried.append(trial)
+        outcomes.append(passes(trial))
+        if outcomes[-1]:
+            passing, best_graph, best_trial = count, graph, trial
+        else:
+            failed, failed_pct = count, trial.accuracy.ppl_increase_pct
+        if failed_pct is None or outcomes[-2:] in ([True, True], [False, False]):
+            count = (failed + passing) // 2  # bisect: two guesses in a row fell on one side
+        else:
+            high, low = failed_pct, best_trial.accuracy.ppl_increase_pct
+            share = (high - target_pct) / (high - low) if high > low else 0.5
+            count = failed + math.ceil(share * (passing - failed))
+        count = min(max(count, failed + 1), passing - 1)
+    if best_trial is everything[1]:  # none passed
+        return graph, trial, ranked[:failed], tried
+    return best_graph, best_trial, ranked[:passing], tried
 
 
 def _search_count(ranked: list[str], limit: int, attempt, passes) -> tuple:

@@ -3,7 +3,8 @@
 MatMulNBits (4 or 8 bits) when the session is created; OpenVINO keeps the compressed weights.
 A tied lm_head's codes are laid out as the embedding table ([V, K], blocks along axis 1), and one
 DequantizeLinear feeds both the Gather and the lm_head's Transpose: the engines hold one copy
-(graph.lookup_tables lowers the pair per runtime).
+(graph.lookup_tables lowers the pair per runtime). Scales are fp16 on disk (graph.initializers.half_constant):
+int8 in blocks of 32 is 8.5 bits per weight, int4 in blocks of 128 4.16 (asymmetric: + 4-bit zero points).
 
 Codes are found by round-to-nearest or by GPTQ (Frantar et al. 2022), which rounds one
 input row at a time and spreads each row's rounding error over the rows not yet rounded,
@@ -19,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from gptkiln.calibration.layers import LinearLayer, tied_table
-from gptkiln.graph.initializers import initializer
+from gptkiln.graph.initializers import half_constant, half_exact, initializer
 from gptkiln.progress import QUIET, Progress
 
 MIN_OPSET = 21  # blocked DequantizeLinear and int4 tensors
@@ -73,13 +74,13 @@ class WeightFormat:
     def _params(self, rows: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
         low, high = self.levels
         if self.symmetric:
-            scale = np.abs(rows).max(axis=0) * shrink / high
+            scale = half_exact(np.abs(rows).max(axis=0) * shrink / high)
             zero = np.zeros(rows.shape[1])
         else:
             top, bottom = np.maximum(rows.max(axis=0), 0) * shrink, np.minimum(rows.min(axis=0), 0) * shrink
-            scale = (top - bottom) / (high - low)
-            zero = np.clip(np.round(-bottom / np.maximum(scale, 1e-12)), low, high)
-        return np.maximum(scale, 1e-12), zero
+            scale = half_exact((top - bottom) / (high - low))
+            zero = np.clip(np.round(-bottom / scale), low, high)
+        return scale, zero
 
     def _error(self, rows: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
         return (np.abs((self.codes(rows, scale, zero) - zero) * scale - rows) ** 2.4).sum(axis=0)
@@ -185,23 +186,24 @@ def quantize_weights(model: ir.Model, layers: list[LinearLayer], requested: Weig
             done[key] = codes, scales, zeros
         table = tied_table(layer)
         if table is None:
-            node = _dequantize(model, layer.name, fmt, codes, scales, zeros, axis=0)
-            model.graph.insert_before(layer.node, node)
-            layer.node.replace_input_with(1, node.outputs[0])
+            nodes = _dequantize(model, layer.name, fmt, codes, scales, zeros, axis=0)
+            model.graph.insert_before(layer.node, nodes)
+            layer.node.replace_input_with(1, nodes[-1].outputs[0])
         else:  # one copy of the codes, laid out as the table: the Gather reads it, the Transpose feeds the lm_head
-            node = _dequantize(model, layer.name, fmt, codes.T, scales.T, zeros.T, axis=1)
-            model.graph.insert_before(next(iter(model.graph)), node)  # constant inputs only: first is in order
-            table.replace_all_uses_with(node.outputs[0])
+            nodes = _dequantize(model, layer.name, fmt, codes.T, scales.T, zeros.T, axis=1)
+            model.graph.insert_before(next(iter(model.graph)), nodes)  # constant inputs only: first is in order
+            table.replace_all_uses_with(nodes[-1].outputs[0])
             model.graph.initializers.pop(table.name)
             result.tied_tables[table.name] = fmt.bits
     bar.close()
     return result
 
 
-def _dequantize(model: ir.Model, name: str, fmt: WeightFormat, codes, scales, zeros, axis: int) -> ir.Node:
-    inputs = [initializer(model, f"{name}.int{fmt.bits}", codes.astype(fmt.code_type)),
-              initializer(model, f"{name}.scale", scales.astype(np.float32))]
+def _dequantize(model: ir.Model, name: str, fmt: WeightFormat, codes, scales, zeros, axis: int) -> list[ir.Node]:
+    """[Cast of the fp16 scales, DequantizeLinear]."""
+    scale = half_constant(model, f"{name}.scale", scales.astype(np.float32))
+    inputs = [initializer(model, f"{name}.int{fmt.bits}", codes.astype(fmt.code_type)), scale.outputs[0]]
     if not fmt.symmetric:
         inputs.append(initializer(model, f"{name}.zero_point", zeros.astype(fmt.code_type)))
-    return ir.node("DequantizeLinear", inputs, attributes={"axis": axis, "block_size": fmt.block_size})
+    return [scale, ir.node("DequantizeLinear", inputs, attributes={"axis": axis, "block_size": fmt.block_size})]
 

@@ -2,7 +2,8 @@
 
 onnxscript's optimizer folds constants (including the Shape/Gather/Concat chains that only
 compute constants), removes unused nodes and runs shape inference; initializers with equal
-content are merged. Tied embeddings are one initializer from the export on and stay one.
+content are merged. Tied embeddings are one initializer from the export on and stay one. Scales stored in
+fp16 (initializers.half_constant) stay so: their Cast is not folded.
 """
 
 from __future__ import annotations
@@ -11,9 +12,15 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 
+from gptkiln.graph.initializers import stored_half
+
 
 def cleanup(model: ir.Model) -> None:
-    onnxscript.optimizer.optimize(model)
+    onnxscript.optimizer.optimize_ir(model, should_fold=_keep_half_constants)
     common.DeduplicateInitializersPass()(model)
     common.RemoveUnusedNodesPass()(model)
     common.RemoveUnusedOpsetsPass()(model)
+
+
+def _keep_half_constants(node: ir.Node) -> bool | None:
+    return False if node.op_type == "Cast" and stored_half(node.outputs[0]) is not None else None

@@ -1,9 +1,19 @@
-"""New constants in a graph."""
+"""New constants in a graph, and constants stored in half precision.
+
+A quantized weight's scales are stored in fp16 (SmolLM2's int8: 8.5 bits per weight, not 9): an fp16
+initializer and a Cast to fp32 in front of the DequantizeLinear. ONNX Runtime folds the Cast when it loads the
+graph (its DequantizeLinear -> MatMul fusion then sees fp32 scales, as before); OpenVINO's conversion folds it
+too, and the openvino target stores it back in fp16 (store_half_constants). The file holds half the bytes. The
+values are fp16-exact (the quantizer rounds the scales first), so the fp32 the runtimes compute with is the value
+the codes were rounded against.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
+HALF_SMALLEST = float(np.finfo(np.float16).smallest_subnormal)
 
 
 def initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
@@ -16,3 +26,54 @@ def initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
                      const_value=ir.tensor(array, name=unique))
     model.graph.register_initializer(value)
     return value
+
+
+def half_exact(array: np.ndarray) -> np.ndarray:
+    """Positive fp32 values (scales) rounded to the nearest fp16 value, at least fp16's smallest: what
+    half_constant stores."""
+    return np.maximum(array, HALF_SMALLEST).astype(np.float16).astype(np.float32)
+
+
+def half_constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Node:
+    """The Cast to fp32 of a new fp16 initializer holding `array` (fp16-exact: see half_exact). The caller
+    inserts the node; its output is the fp32 constant."""
+    half = array.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), array):
+        raise ValueError(f"'{name}' is not fp16-exact: round it with half_exact first")
+    return ir.node("Cast", [initializer(model, name, half)], attributes={"to": ir.DataType.FLOAT}, name=f"{name}.cast")
+
+
+def stored_half(value: ir.Value) -> ir.Value | None:
+    """The fp16 initializer a half_constant output is cast from; None for any other value."""
+    cast = value.producer()
+    if (cast is None or cast.op_type != "Cast" or cast.attributes.get_int("to") != ir.DataType.FLOAT
+            or cast.inputs[0].const_value is None or cast.inputs[0].dtype != ir.DataType.FLOAT16):
+        return None
+    return cast.inputs[0]
+
+
+def constant_array(value: ir.Value) -> np.ndarray | None:
+    """The value of an initializer or of a half_constant (as fp32); None for anything computed."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    half = stored_half(value)
+    return None if half is None else half.const_value.numpy().astype(np.float32)
+
+
+def fold_half_constants(model: ir.Model) -> int:
+    """Every half_constant back to an fp32 initializer (for a runtime that wants its scales as plain constants:
+    TensorRT); returns how many."""
+    folded = 0
+    for node in list(model.graph):
+        if node.op_type == "Cast" and stored_half(node.outputs[0]) is not None:
+            half = node.inputs[0]
+            plain = initializer(model, f"{half.name}.fp32", half.const_value.numpy().astype(np.float32))
+            node.outputs[0].replace_all_uses_with(plain)
+            model.graph.remove(node, safe=True)
+            if not half.uses():  # the fp32 copy takes its name
+                model.graph.initializers.pop(half.name)
+                model.graph.initializers.pop(plain.name)
+                plain.name = plain.const_value.name = half.name
+                model.graph.register_initializer(plain)
+            folded += 1
+    return folded

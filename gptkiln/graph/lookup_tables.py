@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from gptkiln.graph.initializers import initializer
+from gptkiln.graph.initializers import constant_array, half_constant, half_exact, initializer, stored_half
 
 MAX_BLOCK = 128  # GatherBlockQuantized takes a power-of-two block of at least 16
 MIN_OPSET = 21  # blocked DequantizeLinear and 4-bit tensors
@@ -42,13 +42,13 @@ def table_block(row: int) -> int | None:
 
 
 def quantize_rows(table: np.ndarray, block: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes uint8 [V, D], scales f32 [V, D/block], zero points uint8 [V, D/block]): asymmetric per block, codes
-    and zero points in 0 .. 2**bits - 1, one a byte."""
+    """(codes uint8 [V, D], scales f32 [V, D/block] (fp16-exact), zero points uint8 [V, D/block]): asymmetric per
+    block, codes and zero points in 0 .. 2**bits - 1, one a byte."""
     rows, width = table.shape
     top = 2**bits - 1
     blocks = table.reshape(rows, width // block, block)
     low, high = np.minimum(blocks.min(-1), 0.0), np.maximum(blocks.max(-1), 0.0)  # 0 exact: padding rows stay 0
-    scale = (np.maximum(high - low, 1e-12) / top).astype(np.float32)
+    scale = half_exact((high - low) / top)
     zero = np.clip(np.round(-low / scale), 0, top).astype(np.uint8)
     codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
     return codes.reshape(rows, width), scale, zero
@@ -81,11 +81,12 @@ def quantize_lookup_tables(model: ir.Model, bits: int) -> list[str]:
         if block is None:
             continue
         codes, scales, zeros = quantize_rows(tensor.numpy(), block, bits)
+        scale = half_constant(model, f"{name}.scale", scales)
         node = ir.node("DequantizeLinear", [initializer(model, f"{name}.uint{bits}", codes.astype(CODE_TYPES[bits])),
-                                            initializer(model, f"{name}.scale", scales),
+                                            scale.outputs[0],
                                             initializer(model, f"{name}.zero_point", zeros.astype(CODE_TYPES[bits]))],
                        attributes={"axis": 1, "block_size": block}, name=f"{name}.dequantize")
-        model.graph.insert_before(next(iter(model.graph)), node)  # constant inputs only: first is always in order
+        model.graph.insert_before(next(iter(model.graph)), [scale, node])  # constant inputs only: first is in order
         for gather, _ in value.uses():
             gather.replace_input_with(0, node.outputs[0])
         model.graph.initializers.pop(name)
@@ -112,7 +113,8 @@ def _quantized_tables(model: ir.Model):
     and a tied lm_head's (calibration.weight_only)."""
     for node in list(model.graph):
         if (node.op_type == "DequantizeLinear" and len(node.inputs) in (2, 3) and node.attributes.get_int("axis", 0) == 1
-                and node.attributes.get_int("block_size", 0) and all(v.const_value is not None for v in node.inputs)):
+                and node.attributes.get_int("block_size", 0)
+                and all(constant_array(v) is not None for v in node.inputs)):
             readers = _table_readers(node.outputs[0])
             if readers is not None:
                 yield node, *readers
@@ -121,10 +123,10 @@ def _quantized_tables(model: ir.Model):
 def _unsigned_codes(dequantize: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(codes uint8 [V, K], scales f32 [V, K/block], zero points uint8 [V, K/block], bits) of a quantized table,
     signed codes shifted to the unsigned grid (zero point 2**(bits-1))."""
-    codes, scales = (v.const_value.numpy() for v in dequantize.inputs[:2])
+    codes, scales = (constant_array(v) for v in dequantize.inputs[:2])
     bits = 4 if codes.dtype in (ml_dtypes.int4, ml_dtypes.uint4) else 8
     if len(dequantize.inputs) == 3:
-        zeros = dequantize.inputs[2].const_value.numpy().astype(np.int16)
+        zeros = constant_array(dequantize.inputs[2]).astype(np.int16)
     else:
         zeros = np.zeros(scales.shape, np.int16)
     shift = 2 ** (bits - 1) if codes.dtype in (ml_dtypes.int4, np.int8) else 0
@@ -171,7 +173,13 @@ def _lower_tied(model: ir.Model, name: str, codes: np.ndarray, scales: np.ndarra
     blocks = (pack_nibbles(codes) if bits == 4 else codes).reshape(vocab, width // block, -1)
     shared = initializer(model, f"{name}.blocks", blocks)
     default_zeros = (zeros == 2 ** (bits - 1)).all()  # both ops' default for uint8 codes: a symmetric grid
-    gather_inputs = [initializer(model, f"{name}.scale.blocks", scales[..., None])]  # MatMulNBits wants them 2-D
+    # MatMulNBits wants fp32 scales [V, K/block] as an initializer (a Cast in front reads as zeros when graph
+    # optimisations are off); GatherBlockQuantized rank 3: a Reshape of the same initializer, folded at load
+    head_inputs = [initializer(model, f"{name}.scale.rows", scales)]
+    blocks_shape = initializer(model, f"{name}.scale.blocks_shape", np.array([vocab, width // block, 1], np.int64))
+    scale_blocks = ir.node("Reshape", [head_inputs[0], blocks_shape], name=f"{name}.scale.blocks")
+    model.graph.insert_before(gathers[0], scale_blocks)
+    gather_inputs = [scale_blocks.outputs[0]]
     if not default_zeros:
         gather_inputs.append(initializer(model, f"{name}.zero_point.blocks", zeros[..., None]))  # low nibble in 4 bits
     for gather in gathers:
@@ -183,7 +191,6 @@ def _lower_tied(model: ir.Model, name: str, codes: np.ndarray, scales: np.ndarra
         shape = initializer(model, f"{gather.name}.rows", np.array([0] * len(ids.shape) + [width], np.int64))
         model.graph.insert_before(gather, lowered)
         _replace(model, gather, ir.node("Reshape", [lowered.outputs[0], shape], name=gather.name))
-    head_inputs = [initializer(model, f"{name}.scale.rows", scales)]
     if not default_zeros:
         head_inputs.append(initializer(model, f"{name}.zero_point.rows", pack_nibbles(zeros) if bits == 4 else zeros))
     for transpose in heads:
@@ -201,10 +208,11 @@ def dequantize_lookup_tables(model: ir.Model) -> list[str]:
     done = []
     for dequantize, _, heads in _quantized_tables(model):
         name, block = dequantize.inputs[0].name, dequantize.attributes.get_int("block_size")
-        arrays = [v.const_value.numpy() for v in dequantize.inputs]
+        arrays = [constant_array(v) for v in dequantize.inputs]  # fp16 scales as fp32
+        names = [(v if v.const_value is not None else stored_half(v)).name for v in dequantize.inputs]
         for transpose in heads:
-            head = ir.node("DequantizeLinear", [initializer(model, f"{v.name}.T", np.ascontiguousarray(a.T)) for v, a in
-                                                zip(dequantize.inputs, arrays)],
+            head = ir.node("DequantizeLinear", [initializer(model, f"{n}.T", np.ascontiguousarray(a.T)) for n, a in
+                                                zip(names, arrays)],
                            attributes={"axis": 0, "block_size": block}, name=f"{name}.lm_head")
             model.graph.insert_before(transpose, head)
             transpose.outputs[0].replace_all_uses_with(head.outputs[0])
@@ -218,12 +226,17 @@ def dequantize_lookup_tables(model: ir.Model) -> list[str]:
     return done
 
 
-def _remove_with_unused_inputs(model: ir.Model, dequantize: ir.Node) -> None:
-    """Remove a table's DequantizeLinear (nothing reads it now) and the initializers only it read."""
-    inputs = list(dequantize.inputs)
-    model.graph.remove(dequantize, safe=True)
+def _remove_with_unused_inputs(model: ir.Model, node: ir.Node) -> None:
+    """Remove a table's DequantizeLinear (nothing reads it now) and the constants only it read (initializers, the
+    Cast of fp16 scales)."""
+    inputs = list(node.inputs)
+    model.graph.remove(node, safe=True)
     for value in inputs:
-        if not value.uses():
+        if value.uses():
+            continue
+        if value.producer() is not None:
+            _remove_with_unused_inputs(model, value.producer())
+        else:
             model.graph.initializers.pop(value.name)
 
 

@@ -4,9 +4,10 @@ the MLP norm (5 of a Llama block's 7 linears become 2).
     MatMul(x, W_q), MatMul(x, W_k), MatMul(x, W_v)  ==>  Split(MatMul(x, [W_q | W_k | W_v]), [N_q, N_k, N_v])
 
 A weight is a float initializer or a weight-only DequantizeLinear of one (blocks along the input axis, the form
-ONNX Runtime fuses into MatMulNBits); codes, scales and zero points are concatenated along the output axis, so
-each output column is computed as before. At batch 1 a decode step is many small kernels: fewer, larger ones
-cost less of the step's fixed overhead (onnxruntime-genai's builder packs the same layers).
+ONNX Runtime fuses into MatMulNBits); codes, scales (fp16 ones too: initializers.half_constant) and zero points
+are concatenated along the output axis, so each output column is computed as before. At batch 1 a decode step
+is many small kernels: fewer, larger ones cost less of the step's fixed overhead (onnxruntime-genai's builder
+packs the same layers).
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.graph.initializers import initializer
+from gptkiln.graph.initializers import half_constant, initializer, stored_half
+
+
+def _stored(value: ir.Value | None) -> ir.Value | None:
+    """The initializer a weight's input is stored in (itself, or the fp16 one a half_constant casts), if nothing
+    else reads either."""
+    if value is None or len(value.uses()) != 1:
+        return None
+    if value.const_value is not None:
+        return value
+    half = stored_half(value)
+    return half if half is not None and len(half.uses()) == 1 else None
 
 
 def _weight_parts(matmul: ir.Node) -> tuple[tuple, list[ir.Value]] | None:
@@ -26,11 +38,13 @@ def _weight_parts(matmul: ir.Node) -> tuple[tuple, list[ir.Value]] | None:
         return ("float", weight.dtype, weight.shape[0]), [weight]
     dequantize = weight.producer()
     if (dequantize is None or dequantize.op_type != "DequantizeLinear" or len(weight.uses()) != 1
-            or dequantize.attributes.get_int("axis", 1) != 0 or not dequantize.attributes.get_int("block_size", 0)
-            or any(v is None or v.const_value is None or len(v.uses()) != 1 for v in dequantize.inputs)):
+            or dequantize.attributes.get_int("axis", 1) != 0 or not dequantize.attributes.get_int("block_size", 0)):
         return None
-    parts = list(dequantize.inputs)
-    key = ("blocked", tuple(v.dtype for v in parts), parts[0].shape[0], dequantize.attributes.get_int("block_size"))
+    parts = [_stored(v) for v in dequantize.inputs]
+    if None in parts:
+        return None
+    stored = tuple((part.dtype, value.const_value is None) for part, value in zip(parts, dequantize.inputs))
+    key = ("blocked", stored, parts[0].shape[0], dequantize.attributes.get_int("block_size"))
     return key, parts
 
 
@@ -62,11 +76,16 @@ def pack_linears(model: ir.Model) -> int:
         if len(members) < 2:
             continue
         first = members[0][0]
-        weights = [initializer(model, packed_name([v.name for v in column]),
-                               np.concatenate([v.const_value.numpy() for v in column], axis=-1))
-                   for column in zip(*(parts for _, parts in members))]
+        nodes, weights = [], []
+        halves = [halved for _, halved in key[1]] if key[0] == "blocked" else [False]
+        for column, halved in zip(zip(*(parts for _, parts in members)), halves):
+            array = np.concatenate([v.const_value.numpy() for v in column], axis=-1)
+            if halved:  # fp16 scales: a half_constant again
+                nodes.append(half_constant(model, packed_name([v.name for v in column]), array.astype(np.float32)))
+                weights.append(nodes[-1].outputs[0])
+            else:
+                weights.append(initializer(model, packed_name([v.name for v in column]), array))
         name = f"{weights[0].name}.packed"
-        nodes = []
         if key[0] == "blocked":
             dequantize = first.inputs[1].producer()
             nodes.append(ir.node("DequantizeLinear", weights, attributes={
@@ -85,6 +104,8 @@ def pack_linears(model: ir.Model) -> int:
             old.replace_all_uses_with(output, replace_graph_outputs=True)
             output.name, output.shape, output.type = old.name, old.shape, old.type
             replaced = [node] + ([source] if source is not None else [])
+            inputs = source.inputs if source is not None else []
+            replaced += [v.producer() for v in inputs if v.producer() is not None]  # fp16 scales' Casts
             constants = [v for n in replaced for v in n.inputs if v.const_value is not None and v.producer() is None]
             model.graph.remove(replaced, safe=True)
             for value in constants:

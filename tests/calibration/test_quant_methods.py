@@ -14,7 +14,7 @@ from gptkiln.calibration.outliers import plant_outliers
 from gptkiln.calibration.qdq import activation_threshold
 from gptkiln.calibration.smoothquant import smooth
 from gptkiln.calibration.statistics import HIST_BINS, ActivationStats, collect
-from gptkiln.calibration.weight_only import WeightFormat, quantize_gptq, quantize_rtn, quantize_weights
+from gptkiln.calibration.weight_only import WeightFormat, dequantize, quantize_gptq, quantize_rtn, quantize_weights
 from gptkiln.config import ActivationCalibration, CalibrationSettings
 from gptkiln.exporter.io_spec import DATA_FILE
 from gptkiln.graph.lookup_tables import gather_block_quantized
@@ -178,7 +178,7 @@ def test_weight_only_int8_is_blocked_dequantize_that_onnxruntime_runs_as_8_bit_m
     done = quantize_weights(model, layers, fmt)
     assert (done.skipped, done.narrowed) == ([], {})
     weights, bits = linear_bits(layers[0])
-    assert bits / weights == 9.0  # int8 codes and an fp32 scale per 32
+    assert bits / weights == 8.5  # int8 codes and an fp16 scale per 32
     codes = [v for n, v in model.graph.initializers.items() if n.endswith(".int8")]
     assert len(codes) == len(layers) and {v.dtype for v in codes} == {ir.DataType.INT8}
     ir.save(model, tmp_path / "int8.onnx", external_data="int8.onnx.data")
@@ -192,6 +192,63 @@ def test_weight_only_int8_is_blocked_dequantize_that_onnxruntime_runs_as_8_bit_m
     assert len(nbits) == len(layers) - 1 and {node.attributes.get_int("bits") for node in nbits} == {8}
     assert gather_block_quantized(model) == ["transformer.wte.weight.int8"]
     assert [node.attributes.get_int("bits") for node in model.graph if node.op_type == "MatMulNBits"] == [8]
+
+
+def test_int8_gains_rank_a_role_by_the_output_error_int8_removes(prepared_reference, calibration):
+    """The fallback narrows a kept role to its layers by Σ tr(ΔWᵀ H ΔW) of int4 less int8: positive for every layer,
+    and largest for the layer whose weights int4 rounds worst (one scaled up 4x: the same Hessian, 16x the error)."""
+    from gptkiln.calibration.quantize import _int8_gains
+
+    path, loaded = prepared_reference
+
+    def c_fc_layers():  # in a fresh copy of the graph, the third one scaled up
+        model = ir.load(path)
+        layers = [layer for layer in linear_layers(model) if layer.role(loaded.spec) == "transformer.h.*.mlp.c_fc.weight"]
+        replace_weight(model, layers[2], layers[2].weight() * 4.0)
+        return model, layers
+
+    _, layers = c_fc_layers()
+    hessians = dict(collect(path, [layer.activation.name for layer in layers], calibration, loaded.spec,
+                            hessians=True).hessians)
+    int4, int8, rounded = WeightFormat(64, symmetric=False), WeightFormat(32, True, bits=8), {}
+    for fmt in (int4, int8):
+        quantize_weights(*c_fc_layers(), fmt, hessians, done=rounded)  # GPTQ codes, kept by (layer, format)
+    gains = _int8_gains(layers, hessians, rounded, int4, int8)
+    assert set(gains) == {layer.name for layer in layers} and min(gains.values()) > 0
+    assert max(gains, key=gains.get) == layers[2].name
+    layer = layers[0]
+    errors = [float(np.einsum("kn,kj,jn->", delta, hessians[layer.activation.name], delta)) for delta in
+              (layer.weight() - dequantize(*rounded[(layer.name, fmt)]) for fmt in (int4, int8))]
+    assert gains[layer.name] == pytest.approx(errors[0] - errors[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("needed,counts", [(7, [1, 8, 7, 4, 6]), (1, [1]), (2, [1, 6, 4, 2]),
+                                            (20, [1, 8, 19, 24, 20]), (30, [1, 8, 19, 24, 27])])
+def test_narrowing_interpolates_the_count_of_layers_kept(needed, counts):
+    """A role's 30 layers, all kept known to pass at +3.31%: the count is interpolated on the perplexity increase
+    between the nearest failing and passing counts, bisected after two guesses on one side, at most 5 evaluations;
+    when none of them passes, the last trial (a failing one) comes back and the caller keeps the whole role."""
+    from types import SimpleNamespace
+
+    from gptkiln.calibration.quantize import _search_narrowed
+
+    def increase(count):  # falls fastest over the first layers; the budget, +5%, holds from `needed` on
+        return 5.0 - 1.69 * (count - needed) / max(30 - needed, 1) if count >= needed else 5.54 - 0.4 * count / needed
+
+    tried = []
+
+    def attempt(names):
+        tried.append(len(names))
+        return f"graph-{len(names)}", SimpleNamespace(accuracy=SimpleNamespace(ppl_increase_pct=increase(len(names))))
+
+    everything = ("graph-30", SimpleNamespace(accuracy=SimpleNamespace(ppl_increase_pct=3.31)))
+    graph, trial, chosen, trials = _search_narrowed([f"layer {i}" for i in range(30)], attempt,
+                                                    lambda t: t.accuracy.ppl_increase_pct <= 5.0, everything, 5.0)
+    assert tried == counts and len(trials) == len(counts)
+    if needed < 30:
+        assert graph == f"graph-{needed}" and len(chosen) == needed and trial.accuracy.ppl_increase_pct <= 5.0
+    else:
+        assert trial.accuracy.ppl_increase_pct > 5.0 and graph == f"graph-{counts[-1]}"
 
 
 @pytest.mark.parametrize("needed,counts,kept", [(1, [1], 1), (3, [1, 2, 4, 3], 3), (4, [1, 2, 4, 3], 4),

@@ -168,6 +168,8 @@ def test_weight_int4_and_dynamic_int8_pass(tmp_path, calibration_text, precision
         (lm_head,) = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]  # the 17th: tied to wte's codes
         assert lm_head.input[1] in {n.input[0] for n in tables}
         assert result.quantization["lookup_tables"] == {"transformer.wte.weight": 4, "transformer.wpe.weight": 4}
+        scales = {i.name: i.data_type for i in graph.graph.initializer if i.name.endswith(".scale")}
+        assert len(scales) == 16 + 1 and set(scales.values()) == {onnx.TensorProto.FLOAT16}  # + wpe's; wte's: .rows
     else:
         assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) == 17
         assert len(result.quantization["smoothing"]) == 8  # given calibration text, int8-dynamic smooths too
@@ -218,7 +220,7 @@ def test_weight_only_int8_on_openvino_keeps_float_activations_and_passes(tmp_pat
     manifest = read_manifest(output)
     quantization = manifest["quantization"]
     assert quantization["layers_quantized"] == quantization["layers_total"] == 17
-    assert quantization["bits_per_weight"]["linear_layers"] == 9.0  # int8 + an fp32 scale per 32 weights
+    assert quantization["bits_per_weight"]["linear_layers"] == 8.5  # int8 + an fp16 scale per 32 weights
     assert manifest["budget"]["max_ppl_increase_pct"] == 0.5
     openvino = manifest["targets"]["openvino"]
     assert openvino["settings"]["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
@@ -226,6 +228,8 @@ def test_weight_only_int8_on_openvino_keeps_float_activations_and_passes(tmp_pat
     ir = ov.Core().read_model(str(output / "openvino" / "openvino_model.xml"))
     int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
     assert len(int8) >= 17
+    half = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.f16]
+    assert len(half) == openvino["settings"]["half_constants"] >= 17  # the scales (+ wpe's), as the ONNX graph has them
 
 
 def test_integer_weights_mean_float_activations_on_openvino_unless_asked_otherwise(tmp_path):

@@ -99,10 +99,12 @@ class TensorRTTarget(Target):
         import onnx_ir as ir
 
         from gptkiln.graph import optimize
+        from gptkiln.graph.initializers import fold_half_constants
         from gptkiln.graph.lookup_tables import dequantize_lookup_tables
         from gptkiln.targets.tensorrt.readiness import check as readiness_check, weight_types
 
         model = ir.load(onnx_path)
+        fold_half_constants(model)  # fp32 scales: TensorRT's DequantizeLinear takes them as plain constants
         fusion = optimize(model, spec, self.fusion_sets)
         float_tables = dequantize_lookup_tables(model)  # TensorRT dequantizes weights in front of a MatMul only
         profiles = derive_profiles(spec, self.engine)
