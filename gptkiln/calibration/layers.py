@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.graph.initializers import initializer, stored_half
+from gptkiln.graph.initializers import initializer, stored_initializer
 from gptkiln.models.spec import DecoderSpec
 
 
@@ -98,8 +98,7 @@ def linear_bits(layer: LinearLayer) -> tuple[int, int]:
     if source is None or source.op_type != "DequantizeLinear":
         size = layer.weight().size
         return size, size * 32
-    stored = [value if value.const_value is not None else stored_half(value)
-              for value in source.inputs if value is not None]
+    stored = [stored_initializer(value) for value in source.inputs if value is not None]
     parts = [value.const_value for value in stored if value is not None]
     return parts[0].size, sum(part.size * part.dtype.bitwidth for part in parts)
 

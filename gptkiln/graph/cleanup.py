@@ -12,7 +12,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 
-from gptkiln.graph.initializers import stored_half
+from gptkiln.graph.initializers import is_half_cast
 
 
 def cleanup(model: ir.Model) -> None:
@@ -23,4 +23,4 @@ def cleanup(model: ir.Model) -> None:
 
 
 def _keep_half_constants(node: ir.Node) -> bool | None:
-    return False if node.op_type == "Cast" and stored_half(node.outputs[0]) is not None else None
+    return False if is_half_cast(node) else None

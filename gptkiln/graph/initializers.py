@@ -52,6 +52,16 @@ def stored_half(value: ir.Value) -> ir.Value | None:
     return cast.inputs[0]
 
 
+def is_half_cast(node: ir.Node) -> bool:
+    """Whether the node is the Cast of a half_constant."""
+    return node.op_type == "Cast" and stored_half(node.outputs[0]) is not None
+
+
+def stored_initializer(value: ir.Value) -> ir.Value | None:
+    """The initializer a constant is stored in: itself, or the fp16 one a half_constant casts; None if computed."""
+    return value if value.const_value is not None else stored_half(value)
+
+
 def constant_array(value: ir.Value) -> np.ndarray | None:
     """The value of an initializer or of a half_constant (as fp32); None for anything computed."""
     if value.const_value is not None:
@@ -65,7 +75,7 @@ def fold_half_constants(model: ir.Model) -> int:
     TensorRT); returns how many."""
     folded = 0
     for node in list(model.graph):
-        if node.op_type == "Cast" and stored_half(node.outputs[0]) is not None:
+        if is_half_cast(node):
             half = node.inputs[0]
             plain = initializer(model, f"{half.name}.fp32", half.const_value.numpy().astype(np.float32))
             node.outputs[0].replace_all_uses_with(plain)

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from gptkiln.graph.initializers import constant_array, half_constant, half_exact, initializer, stored_half
+from gptkiln.graph.initializers import constant_array, half_constant, half_exact, initializer, stored_initializer
 
 MAX_BLOCK = 128  # GatherBlockQuantized takes a power-of-two block of at least 16
 MIN_OPSET = 21  # blocked DequantizeLinear and 4-bit tensors
@@ -209,7 +209,7 @@ def dequantize_lookup_tables(model: ir.Model) -> list[str]:
     for dequantize, _, heads in _quantized_tables(model):
         name, block = dequantize.inputs[0].name, dequantize.attributes.get_int("block_size")
         arrays = [constant_array(v) for v in dequantize.inputs]  # fp16 scales as fp32
-        names = [(v if v.const_value is not None else stored_half(v)).name for v in dequantize.inputs]
+        names = [stored_initializer(v).name for v in dequantize.inputs]
         for transpose in heads:
             head = ir.node("DequantizeLinear", [initializer(model, f"{n}.T", np.ascontiguousarray(a.T)) for n, a in
                                                 zip(names, arrays)],

@@ -17,7 +17,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.graph.initializers import half_constant, initializer, stored_half
+from gptkiln.graph.initializers import half_constant, initializer, stored_initializer
 
 
 def _stored(value: ir.Value | None) -> ir.Value | None:
@@ -25,10 +25,8 @@ def _stored(value: ir.Value | None) -> ir.Value | None:
     else reads either."""
     if value is None or len(value.uses()) != 1:
         return None
-    if value.const_value is not None:
-        return value
-    half = stored_half(value)
-    return half if half is not None and len(half.uses()) == 1 else None
+    stored = stored_initializer(value)
+    return stored if stored is not None and len(stored.uses()) == 1 else None
 
 
 def _weight_parts(matmul: ir.Node) -> tuple[tuple, list[ir.Value]] | None:

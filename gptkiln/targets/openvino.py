@@ -213,15 +213,14 @@ class OpenVinoTarget(Target):
         import onnx_ir as ir
 
         from gptkiln.graph import optimize
-        from gptkiln.graph.initializers import stored_half
+        from gptkiln.graph.initializers import is_half_cast
         from gptkiln.graph.packed_linears import pack_linears
 
         ov = _import_openvino()
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
         packed = pack_linears(model)
-        halves = {node.name for node in model.graph
-                  if node.op_type == "Cast" and stored_half(node.outputs[0]) is not None}
+        halves = {node.name for node in model.graph if is_half_cast(node)}
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             portable = Path(tmp) / "model.onnx"
