@@ -1,6 +1,7 @@
 """gptkiln against the tools users would otherwise pick, every one measured by `gptkiln bench`'s own code in one run.
 
-    python benchmarks/compare_tools.py MODEL [--optimum DIR] [--optimum-intel DIR] [--genai DIR] [--concat-cache]
+    python benchmarks/compare_tools.py MODEL [--optimum DIR] [--optimum-intel DIR] [--genai DIR] [--gguf-dir DIR]
+                                             [--concat-cache] [--openvino-plugin-defaults]
                                              [--gptkiln OUTPUT ...] [--threads 2] [--repeats 3]
                                              [--precision fp32|int8|int4 ...] [--int4-block-size N ...]
 
@@ -21,6 +22,13 @@ TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
 - --genai DIR: onnxruntime-genai builder outputs, DIR/{fp32,int8,int4} (`python -m
   onnxruntime_genai.models.builder -i HF_DIR -o DIR/P -p P -e cpu`), run by onnxruntime-genai's own
   Generator (benchmarks/genai_runner.py) with the same threads and max_length = prompt + new tokens;
+- --openvino-plugin-defaults (with --gptkiln): each quantized gptkiln OpenVINO engine once more with the config the
+  "optimum-intel, f32 config" rows run with (f32 inference and cache, the CPU plugin's default run-time int8
+  activations, DYNAMIC_QUANTIZATION_GROUP_SIZE 32, which gptkiln's quantized builds turn off): same IR, same config;
+- --gguf-dir DIR: llama.cpp's GGUF files of the same weights, DIR/*-{F32,Q8_0,Q4_0,Q4_K_M}.gguf (shared/anchors.md:
+  convert_hf_to_gguf.py --outtype f32, then llama-quantize), run by llama-cpp-python's C bindings in this
+  environment (benchmarks/llamacpp_runner.py: one context, one sequence per batch row, the default context
+  settings: f16 KV cache, flash attention as llama.cpp picks it);
 - --optimum DIR: optimum-onnx exports of the same weights, run by ONNX Runtime (same version, same
   threads): DIR/{plain,O2,O3}/model.onnx (fp32), DIR/int8-dynamic/model_quantized.onnx
   (`optimum-cli onnxruntime quantize --avx512`), DIR/int4/model.onnx and DIR/int4-O2/model.onnx (ONNX
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from dataclasses import asdict, replace
 from functools import partial
@@ -61,11 +70,15 @@ from gptkiln.models.loading import load_model
 from gptkiln.progress import Progress
 from gptkiln.targets import get_target
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
+from gptkiln.targets.openvino import IR_FILE
 from genai_runner import genai_precisions, load_genai
+from llamacpp_runner import GGUF_PRECISION, gguf_files, gguf_tensor_bytes, load_llamacpp
 from quantization import stdlib_text
 from tables import markdown_table
 
 HERE = Path(__file__).parent
+# the measuring processes unpickle loaders from this directory's modules (genai_runner, llamacpp_runner)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
 GPTKILN_BUILDS = {  # precision -> targets, as `gptkiln export --quantize P --target T` builds them
     Precision.FP32: ("onnxruntime", "openvino"), Precision.W8A8: ("onnxruntime", "openvino"),
     Precision.INT8_DYNAMIC: ("onnxruntime",), Precision.INT8: ("onnxruntime", "openvino"),
@@ -128,7 +141,7 @@ def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, fam
     return variants
 
 
-def built_variants(outputs: list[Path], families: set[str], accuracy: dict) -> list[Variant]:
+def built_variants(outputs: list[Path], families: set[str], accuracy: dict, plugin_defaults: bool) -> list[Variant]:
     """Every target of gated `gptkiln export` outputs, labelled as the built rows are; their gate's accuracy (the
     first target's: each is scored on the same windows) goes to `accuracy` under the precision."""
     variants = []
@@ -136,7 +149,12 @@ def built_variants(outputs: list[Path], families: set[str], accuracy: dict) -> l
         manifest = read_manifest(output)
         if family(manifest["precision"]) not in families:
             continue
-        variants += [replace(v, name=f"gptkiln {v.name}") for v in output_variants(output, manifest)]
+        built = [replace(v, name=f"gptkiln {v.name}") for v in output_variants(output, manifest)]
+        variants += built
+        if plugin_defaults and manifest["precision"] != "fp32":
+            variants += [replace(v, name=f"{v.name}, optimum-intel's f32 config",
+                                 load=partial(load_openvino_ir, str(output / v.target / IR_FILE), manifest["spec"],
+                                              parity_config=True)) for v in built if v.target == "openvino"]
         first = next(iter(manifest["targets"].values()))
         if manifest["precision"] != "fp32" and first.get("accuracy"):
             accuracy[manifest["precision"]] = first["accuracy"]
@@ -163,6 +181,14 @@ def genai_variants(directory: Path, spec: dict, settings: BenchSettings, familie
                     artifact_bytes=sum(p.stat().st_size for p in path.glob("model.onnx*")),
                     weight_bytes=onnx_weight_bytes(path / "model.onnx"))
             for precision, path in genai_precisions(directory).items() if family(precision) in families]
+
+
+def llamacpp_variants(directory: Path, spec: dict, settings: BenchSettings, families: set[str]) -> list[Variant]:
+    max_length = settings.prompt_tokens + settings.new_tokens
+    return [Variant("llama.cpp", GGUF_PRECISION[kind],
+                    partial(load_llamacpp, str(path), spec, max_length, max(settings.batches)),
+                    artifact_bytes=path.stat().st_size, weight_bytes=gguf_tensor_bytes(path))
+            for kind, path in gguf_files(directory).items() if family(GGUF_PRECISION[kind]) in families]
 
 
 def optimum_variants(directory: Path, spec: dict, families: set[str]) -> list[Variant]:
@@ -196,6 +222,9 @@ def main() -> None:
     parser.add_argument("--optimum", type=Path, help="optimum-onnx exports (see the docstring)")
     parser.add_argument("--optimum-intel", type=Path, help="optimum-intel IRs (see the docstring)")
     parser.add_argument("--genai", type=Path, help="onnxruntime-genai builder outputs (see the docstring)")
+    parser.add_argument("--openvino-plugin-defaults", action="store_true",
+                        help="with --gptkiln: also each quantized OpenVINO engine in optimum-intel's f32 config")
+    parser.add_argument("--gguf-dir", type=Path, help="llama.cpp GGUF files (see the docstring)")
     parser.add_argument("--gptkiln", type=Path, action="append", help="a gated `gptkiln export` output (repeatable)")
     parser.add_argument("--concat-cache", action="store_true",
                         help="also the onnxruntime engines in their former Concat-cache form")
@@ -225,12 +254,14 @@ def main() -> None:
         accuracy: dict = {}
         families = set(args.precision or FAMILIES)
         if args.gptkiln:
-            variants += built_variants(args.gptkiln, families, accuracy)
+            variants += built_variants(args.gptkiln, families, accuracy, args.openvino_plugin_defaults)
         else:
             variants += gptkiln_variants(loaded, work, progress, accuracy, families,
                                          args.int4_block_size or [QuantSettings.int4_block_size], args.concat_cache)
         if args.genai:
             variants += genai_variants(args.genai, spec, settings, families)
+        if args.gguf_dir:
+            variants += llamacpp_variants(args.gguf_dir, spec, settings, families)
         if args.optimum:
             variants += optimum_variants(args.optimum, spec, families)
         if args.optimum_intel:

@@ -18,8 +18,9 @@ ROTARY = RMS_NORM | {"gpt_neox", "falcon", "phi"}  # GPT-J rotates interleaved p
 EAGER_ATTENTION = {"gpt_neo", "gemma2"}  # GPT-Neo's local attention, Gemma 2's soft-capping
 # ONNX Runtime keeps the Concat cache where the attention is not one op on transposed heads: eager attention,
 # partial rotary spliced with Concat (GPT-NeoX, Phi), the output reshaped before its transpose (Phi, Phi-3),
-# K/V without a head transpose (GPT-BigCode's and Falcon's single KV head)
-KV_CONCAT = EAGER_ATTENTION | {"gpt_neox", "phi", "phi3", "gpt_bigcode", "falcon"}
+# K/V without a head transpose (GPT-BigCode's single KV head; Falcon's had none in earlier transformers releases,
+# transformers 5.25 exports it with one)
+KV_CONCAT = EAGER_ATTENTION | {"gpt_neox", "phi", "phi3", "gpt_bigcode"}
 GROUPED_KV = {"llama", "qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt_bigcode", "falcon"}
 
 

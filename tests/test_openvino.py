@@ -125,9 +125,14 @@ def test_reduced_inference_precision_is_applied_and_held_to_the_half_bars(tmp_pa
     assert openvino["settings"]["config"]["INFERENCE_PRECISION_HINT"] == "bf16"
     assert openvino["settings"]["tolerances"] == vars(Tolerances.half())
     assert targets["onnxruntime"]["settings"]["tolerances"] == vars(Tolerances())
-    # bf16 really runs: its logits are off fp32 PyTorch by far more than the fp32 bar
+    # bf16 really runs where the CPU plugin runs it (a gate failure says it did; else the compiled engine says
+    # which precision it computes in): its logits are off fp32 PyTorch by far more than the fp32 bar. An AVX2-only
+    # CPU falls back to f32 and its logits stay within the fp32 bar.
     worst = max(c["rel"] for c in openvino["parity"]["comparisons"] if c["name"].endswith("logits"))
-    assert worst > 1e-3
+    runs_bf16 = code != 0 or ov.Core().compile_model(
+        str(tmp_path / "bf16" / "openvino" / "openvino_model.xml"), "CPU",
+        {"INFERENCE_PRECISION_HINT": "bf16"}).get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    assert (worst > 1e-3) == runs_bf16, (worst, runs_bf16)
     assert bool(openvino["settings"]["warnings"]) == ("BF16" not in capabilities)
     # the gate is the half one: a failure, where there is one, is top-1 or greedy, never the logits bound
     assert code in (0, 9) and all("max |diff|" not in failure for failure in openvino["failures"])

@@ -163,6 +163,7 @@ class OnnxRuntimeTarget(Target):
         from gptkiln.graph.last_logits import keep_last_logits
         from gptkiln.graph.lookup_tables import gather_block_quantized
         from gptkiln.graph.packed_linears import pack_linears
+        from gptkiln.graph.rotary_attention import rotary_into_attention
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
@@ -171,6 +172,8 @@ class OnnxRuntimeTarget(Target):
         all_logits_reason = keep_last_logits(model)
         tables = gather_block_quantized(model)  # the quantize stage's tables, gathered without a full dequantize
         packed = pack_linears(model)
+        rows = -(-spec.max_positions // KV_BLOCK) * KV_BLOCK  # a rotary table row for every slot of the buffer
+        rotary_reason = rotary_into_attention(model, spec, rows)
         out_dir.mkdir(parents=True, exist_ok=True)
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
         self.save_runtime_config(out_dir, {"intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache})
@@ -184,6 +187,7 @@ class OnnxRuntimeTarget(Target):
                 "intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache,
                 **({"kv_cache_concat_reason": concat_reason} if concat_reason else {}),
                 "last_logits": all_logits_reason is None, "quantized_lookup_tables": tables, "packed_linears": packed,
+                "rotary_in_attention": rotary_reason is None, **({"rotary_reason": rotary_reason} if rotary_reason else {}),
                 **({"last_logits_reason": all_logits_reason} if all_logits_reason else {}), "fusion": fusion.to_dict()}
 
     def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
