@@ -28,9 +28,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from gptkiln.graph.initializers import initializer
+from gptkiln.graph.kv_buffer import MS_DOMAIN
 from gptkiln.models.spec import DecoderSpec
 
-MS_DOMAIN = "com.microsoft"
 GQA_COS, GQA_SIN, GQA_POSITIONS = 7, 8, 9  # GroupQueryAttention's input indices
 
 
