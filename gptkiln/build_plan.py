@@ -2,10 +2,12 @@
 
     export    model files (weights, config, tokenizer), opset, tool versions, gptkiln's source
     quantize  export key, precision, the quantization settings that precision uses, the
-              calibration and evaluation texts (their content), the accuracy budget
+              calibration and evaluation texts (their content), the accuracy budget, the host
+              CPU's kernel features (trials are scored on this host's kernels)
     half      the key of its input graph, precision
     target    the key of the graph it compiles, target name, the settings that target reads,
-              its runtime's version, the parity settings and the gate it is held to
+              its runtime's version, the parity settings and the gate it is held to, the host
+              CPU's kernel features (the gate is measured on them)
     build     every target key (and the manifest format): equal key, equal output
 
 So a rerun with nothing changed finds every key; changing one target's settings changes only
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gptkiln.config import BuildConfig, Precision, QuantSettings
-from gptkiln.manifest import FORMAT, sha256_file, tool_versions
+from gptkiln.manifest import FORMAT, host_cpu, sha256_file, tool_versions
 from gptkiln.models.loading import model_source
 from gptkiln.stage_cache import stage_key
 from gptkiln.targets.base import Target
@@ -45,18 +47,20 @@ def plan_build(config: BuildConfig, targets: list[Target], texts: dict[str, list
     source = model_source(config.model)
     opset = effective_opset(config)
     tools = {**tool_versions(), "gptkiln-source": source_digest()}
+    features = host_cpu()["features"]
     export = stage_key("export", source["sha256"], opset, tools)
     graph = export
     quantize = half = None
     if config.precision.quantized:
         quantize = stage_key("quantize", export, config.precision.value, quant_settings(config.precision, config.quant),
-                             {name: texts_digest(t) for name, t in texts.items()})
+                             {name: texts_digest(t) for name, t in texts.items()}, features)
         graph = quantize
     if config.precision.half:
         half = graph = stage_key("half", graph, config.precision.value)
     gate = {"parity": asdict(config.parity), "tolerances": asdict(config.tolerances),
             "budget": asdict(config.quant.budget_for(config.precision)) if config.precision.quantized else None}
-    keys = {t.name: stage_key("target", graph, t.name, t.build_settings(), t.runtime_version(), gate) for t in targets}
+    keys = {t.name: stage_key("target", graph, t.name, t.build_settings(), t.runtime_version(), gate, features)
+            for t in targets}
     return BuildPlan(source, opset, export, quantize, half, keys, stage_key("build", FORMAT, keys))
 
 

@@ -60,7 +60,7 @@ def pack(output: Path, destination: Path, targets: list[str] | None = None) -> d
         "created": manifest["created"],  # when the build was made: packing twice gives the same bytes
         "model": manifest["model"], "spec": manifest["spec"], "io_contract": manifest["io_contract"],
         "precision": manifest["precision"], "build_key": manifest.get("build", {}).get("key"),
-        "versions": manifest["versions"],
+        "versions": manifest["versions"], "gated_on": manifest.get("gated_on"),  # absent before it was recorded
         "targets": {name: _target_entry(get_target(name), manifest["targets"][name]) for name in chosen},
         "benchmark": _benchmark(output, manifest, chosen),
         "files": files,

@@ -31,6 +31,29 @@ def tool_versions() -> dict:
     return versions
 
 
+# the CPU features the runtimes' kernels choose between (x86, then Arm): int8 activations and bf16 round
+# differently on each, so an accuracy gate holds for the host it was measured on
+KERNEL_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                   "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
+                   "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")
+
+
+def host_cpu() -> dict:
+    """The build host's CPU: its model and the kernel-relevant features it has (Linux reads them; elsewhere
+    the features are unknown, None)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    except OSError:
+        pass
+    flags = fields.get("flags", fields.get("Features"))
+    model = fields.get("model name") or fields.get("Hardware") or platform.processor() or platform.machine()
+    return {"machine": platform.machine(), "model": model,
+            "features": None if flags is None else [f for f in KERNEL_FEATURES if f in flags.split()]}
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

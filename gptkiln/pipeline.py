@@ -25,7 +25,8 @@ from gptkiln.errors import ArtifactError, ParityError, TargetUnavailableError
 from gptkiln.exporter import io_spec
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.extras import require_export_stack
-from gptkiln.manifest import BENCHMARK_CHART, BENCHMARK_FILE, MANIFEST, read_manifest, tool_versions, write_manifest
+from gptkiln.manifest import (BENCHMARK_CHART, BENCHMARK_FILE, MANIFEST, host_cpu, read_manifest, tool_versions,
+                              write_manifest)
 from gptkiln.models.loading import LoadedModel, load_model
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.output_dir import check_output, make_work_dir, publish
@@ -349,6 +350,7 @@ def _manifest_body(config: BuildConfig, result: BuildResult) -> dict:
         "targets": {t.name: t.to_dict() for t in result.targets},
         "tolerances": vars(config.tolerances),
         "versions": tool_versions(),
+        "gated_on": host_cpu(),  # the gates were measured on this CPU's kernels
         "build": {"key": result.plan.key, "stages": {k: v for k, v in result.plan.to_dict().items()
                                                      if k not in ("source", "key")}},
     }

@@ -7,6 +7,7 @@ import json
 import onnx_ir as ir
 from gptkiln.cli import main
 from gptkiln.config import ParitySettings, Tolerances
+from gptkiln.manifest import host_cpu
 from gptkiln.models.loading import load_model
 from gptkiln.parity import gate, parity_prompts, run_parity
 from gptkiln.runtime.torch_runner import TorchRunner
@@ -70,6 +71,7 @@ def test_manifest_describes_the_build(reference_build):
     assert manifest["targets"]["onnxruntime"]["passed"] is True
     assert manifest["io_contract"]["inputs"][0]["name"] == "input_ids"
     assert manifest["versions"]["onnxruntime"] and manifest["versions"]["torch"]
+    assert manifest["gated_on"] == host_cpu() and isinstance(manifest["gated_on"]["features"], list)  # Linux here
     assert set(manifest["files"]) >= {"onnxruntime/model.onnx", "onnxruntime/model.onnx.data", "tokenizer.json"}
 
 

@@ -68,3 +68,20 @@ def test_a_damaged_entry_is_rebuilt(tmp_path):
 def test_keys_are_canonical():
     assert stage_key("a", {"x": 1, "y": 2}) == stage_key("a", {"y": 2, "x": 1})
     assert stage_key("a", {"x": 1}) != stage_key("a", {"x": 2})
+
+
+def test_another_cpu_rebuilds_what_was_gated_on_this_one(monkeypatch, tmp_path):
+    """Trials and gates run on the host's kernels (int8 activations round differently with and without VNNI):
+    a cache shared with a host of other CPU features reuses its export, not its quantized graph or its engines."""
+    from gptkiln import build_plan
+    from gptkiln.config import BuildConfig, Precision
+    from gptkiln.targets import get_target
+
+    config = BuildConfig(model="reference", output=tmp_path / "out", precision=Precision.INT8)
+    texts = {"calibration": None, "eval_text": ["def f():\n    return 1\n"]}
+    here = build_plan.plan_build(config, [get_target("onnxruntime")], texts)
+    monkeypatch.setattr(build_plan, "host_cpu", lambda: {"machine": "x86_64", "model": "other",
+                                                          "features": ["avx", "avx2", "avx512f", "avx512_vnni"]})
+    there = build_plan.plan_build(config, [get_target("onnxruntime")], texts)
+    assert here.export == there.export
+    assert here.quantize != there.quantize and here.targets != there.targets and here.key != there.key

@@ -246,7 +246,8 @@ def test_integer_weights_mean_float_activations_on_openvino_unless_asked_otherwi
 def test_int4_fallback_keeps_the_most_sensitive_roles_in_int8(tmp_path):
     """RTN int4 misses a tight budget; the fallback ranks the layer roles by how much int8 for each alone brings
     the model back (the probe: one batch, no full evaluation), keeps the fewest in int8 that meet the budget
-    (searched 1, 2, 4, ...), and says what it costs in bits."""
+    (searched 1, 2, 4, ...), and says what it costs in bits. Trials are scored on the compiled ONNX Runtime engine,
+    so the kept trial's accuracy is the engine's gate's."""
     import onnx_ir as ir
 
     # all int4 (wte reads the tied lm_head's 4-bit codes, wpe its own 4 bits): +1.79%; the lm_head (and with it
@@ -261,6 +262,7 @@ def test_int4_fallback_keeps_the_most_sensitive_roles_in_int8(tmp_path):
     assert quantization["kept_precision"] == "int8" and 1 <= len(kept) <= 2
     assert trials[0]["accuracy"]["ppl_increase_pct"] > 1.1 >= trials[-1]["accuracy"]["ppl_increase_pct"]
     assert trials[-1]["kept"] == kept and len(trials) <= 3  # all int4, 1, 2: the probes are not evaluations
+    assert trials[-1]["accuracy"] == result.targets[0].accuracy.to_dict()  # the trial was the engine, to the bit
     sensitivity = quantization["sensitivity"]
     roles = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     tied_lm_head, tables = "transformer.wte.weight", "lookup tables"  # wte shares the lm_head's codes; wpe alone
