@@ -38,11 +38,18 @@ class LinearLayer:
 
     def weight(self) -> np.ndarray:
         """[K, N] float32, as the MatMul sees it."""
-        source = self.node.inputs[1]
-        if self.transposed:
-            source = source.producer().inputs[0]
-        value = source.const_value.numpy().astype(np.float32)
+        value = self._stored().const_value.numpy().astype(np.float32)
         return value.T if self.transposed else value
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """(K, N), as the MatMul sees it, without reading the weight."""
+        rows, columns = self._stored().const_value.shape
+        return (columns, rows) if self.transposed else (rows, columns)
+
+    def _stored(self) -> ir.Value:
+        source = self.node.inputs[1]
+        return source.producer().inputs[0] if self.transposed else source
 
 
 def linear_layers(model: ir.Model) -> list[LinearLayer]:

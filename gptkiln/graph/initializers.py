@@ -1,4 +1,4 @@
-"""New constants in a graph, and constants stored in half precision.
+"""New constants and nodes in a graph, and constants stored in half precision.
 
 A quantized weight's scales are stored in fp16 (SmolLM2's int8: 8.5 bits per weight, not 9): an fp16
 initializer and a Cast to fp32 in front of the DequantizeLinear. ONNX Runtime folds the Cast when it loads the
@@ -26,6 +26,19 @@ def initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
                      const_value=ir.tensor(array, name=unique))
     model.graph.register_initializer(value)
     return value
+
+
+def insert_node(before: ir.Node, op: str, operands: list, name: str, attrs: dict | None = None, *, domain: str = "",
+                outputs: int = 1, dtype: ir.DataType | None = None) -> list[ir.Value]:
+    """A node named `name` inserted in front of `before`, its outputs named after it (and typed `dtype` where
+    given); its outputs."""
+    node = ir.node(op, operands, attrs or {}, domain=domain, num_outputs=outputs, name=name)
+    before.graph.insert_before(before, node)
+    for index, value in enumerate(node.outputs):
+        value.name = name if outputs == 1 else f"{name}_{index}"
+        if dtype is not None:
+            value.dtype = dtype
+    return list(node.outputs)
 
 
 def half_exact(array: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from gptkiln.exporter.io_spec import past_names, present_names
-from gptkiln.graph.initializers import initializer
+from gptkiln.graph.initializers import initializer, insert_node
 from gptkiln.models.spec import DecoderSpec
 
 MS_DOMAIN = "com.microsoft"
@@ -57,7 +57,7 @@ def share_kv_buffers(model: ir.Model, spec: DecoderSpec) -> str | None:
         for name in ("scale", "softcap"):
             if name in attention.attributes:
                 attrs[name] = attention.attributes[name].value
-        query, key, value = (_three_d(graph, attention, *path, heads, merge_heads, f"{attention.name}_{role}")
+        query, key, value = (_three_d(attention, *path, heads, merge_heads, f"{attention.name}_{role}")
                              for path, heads, role in ((q, spec.num_heads, "q"), (k, spec.num_kv_heads, "k"),
                                                        (v, spec.num_kv_heads, "v")))
         past_k, past_v = (concat.inputs[0] for concat in concats)
@@ -159,16 +159,12 @@ def _reads_not_length(node: ir.Node) -> bool:
     return end <= 2 or start >= 3
 
 
-def _three_d(graph: ir.Graph, before: ir.Node, x: ir.Value, norms: list[ir.Node], rotary: ir.Node | None,
+def _three_d(before: ir.Node, x: ir.Value, norms: list[ir.Node], rotary: ir.Node | None,
              heads: int, merge_heads: ir.Value, name: str) -> ir.Value:
     """[batch, seq, heads, head] x -> [batch, seq, heads*head], normalised and rotated as before (the norms act on
     the head axis, the last in either layout; the rotary in its 3-D form)."""
     def add(op: str, inputs: list, attrs: dict, suffix: str) -> ir.Value:
-        node = ir.node(op, inputs, attrs, name=f"{name}_{suffix}")
-        graph.insert_before(before, node)
-        value = node.outputs[0]
-        value.name, value.dtype = node.name, x.dtype
-        return value
+        return insert_node(before, op, inputs, f"{name}_{suffix}", attrs, dtype=x.dtype)[0]
 
     for index, norm in enumerate(norms):
         x = add(norm.op_type, [x, *norm.inputs[1:]], {k: a.value for k, a in norm.attributes.items()}, f"norm{index}")
@@ -186,14 +182,8 @@ def _three_d(graph: ir.Graph, before: ir.Node, x: ir.Value, norms: list[ir.Node]
 
 def _lengths(model: ir.Model, first: ir.Node, input_ids: ir.Value, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
     """seqlens_k [batch] int32 = total-1 for every row; total_sequence_length, an int32 scalar."""
-    graph = model.graph
-
     def add(op: str, inputs: list, name: str, dtype=ir.DataType.INT64, **attrs) -> ir.Value:
-        node = ir.node(op, inputs, attrs, name=name)
-        graph.insert_before(first, node)
-        value = node.outputs[0]
-        value.name, value.dtype = name, dtype
-        return value
+        return insert_node(first, op, inputs, name, attrs, dtype=dtype)[0]
 
     total = add("Shape", [attention_mask], "kv_total", start=1, end=2)
     last = add("Sub", [total, initializer(model, "kv_one", np.array([1], np.int64))], "kv_last")

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from gptkiln.graph.initializers import initializer
+from gptkiln.graph.initializers import initializer, insert_node
 from gptkiln.graph.kv_buffer import MS_DOMAIN
 from gptkiln.models.spec import DecoderSpec
 
@@ -143,7 +143,7 @@ def _position_tables(model: ir.Model, nodes: list[ir.Node], values: list[ir.Valu
 
     def insert(op: str, operands: list, label: str, attrs: dict | None = None, domain: str = "",
                outputs: int = 1) -> list[ir.Value]:
-        return _insert_before(first, op, operands, f"{name}_{label}", attrs or {}, domain, outputs)
+        return insert_node(first, op, operands, f"{name}_{label}", attrs, domain=domain, outputs=outputs)
 
     def constant(label: str, array: np.ndarray) -> ir.Value:
         return initializer(model, f"{name}_{label}", array)
@@ -169,7 +169,7 @@ def _rotary_positions(model: ir.Model) -> ir.Value:
     first = model.graph.node(0)
 
     def add(op: str, operands: list, name: str, **attrs) -> ir.Value:
-        return _insert_before(first, op, operands, f"rotary_positions_{name}", attrs)[0]
+        return insert_node(first, op, operands, f"rotary_positions_{name}", attrs)[0]
 
     mask, ids = inputs["attention_mask"], inputs["input_ids"]
     total = add("Shape", [mask], "total", start=1, end=2)
@@ -184,12 +184,3 @@ def _rotary_positions(model: ir.Model) -> ir.Value:
     real = add("Add", [inputs["position_ids"], leading], "shifted")
     return add("Where", [add("Cast", [step_mask], "is_token", to=ir.DataType.BOOL), real, columns], "value")
 
-
-def _insert_before(before: ir.Node, op: str, operands: list, name: str, attrs: dict, domain: str = "",
-                   outputs: int = 1) -> list[ir.Value]:
-    """A node named `name` inserted in front of `before` (outputs named after it); its outputs."""
-    node = ir.node(op, operands, attrs, domain=domain, num_outputs=outputs, name=name)
-    before.graph.insert_before(before, node)
-    for index, value in enumerate(node.outputs):
-        value.name = name if outputs == 1 else f"{name}_{index}"
-    return list(node.outputs)
