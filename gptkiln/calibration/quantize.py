@@ -128,7 +128,7 @@ def method_description(precision: Precision, settings: QuantSettings, calibrated
                 "smoothquant_alpha": smoothquant_alpha(precision, settings) if calibrated else None}
     if precision is Precision.INT8:
         return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows (at most "
-                           f"{WIDE_INPUT_INT8_BLOCK} where a layer's input is wider than its output)", "rounding": "rtn"}
+                           f"{WIDE_INPUT_INT8_BLOCK} where a layer's input is wider than the hidden size)", "rounding": "rtn"}
     return {"weights": f"int4 {'symmetric' if settings.int4_symmetric else 'asymmetric'} "
                        f"blocks of {settings.int4_block_size} input rows", "rounding": settings.int4_method.value}
 
@@ -149,17 +149,16 @@ def smoothquant_alpha(precision: Precision, settings: QuantSettings) -> float | 
 
 
 # ONNX Runtime's 8-bit MatMulNBits (its fast path) quantizes the activations to int8 in the weight's blocks. A
-# layer reading a wider input than it writes (the MLP's down projection, whose input carries the massive
+# layer reading an input wider than the hidden size (the MLP's down projection, whose input carries the massive
 # activations) loses most there: SmolLM2 int8 on an AVX2 host +0.35% -> +0.25% with these layers' blocks at 16
 # (+1.7 MB; every layer at 16: +0.07%, +10 MB). OpenVINO, whose activations stay float, is as accurate either way.
 WIDE_INPUT_INT8_BLOCK = 16
 
 
-def int8_format(layer: LinearLayer, requested: WeightFormat) -> WeightFormat:
+def int8_format(layer: LinearLayer, requested: WeightFormat, hidden_size: int) -> WeightFormat:
     """The int8 format of one layer: `requested`, with blocks of at most WIDE_INPUT_INT8_BLOCK rows where the
-    layer's input is wider than its output."""
-    rows, columns = layer.weight_shape
-    if rows > columns:
+    layer's input is wider than the hidden size."""
+    if layer.weight_shape[0] > hidden_size:
         return replace(requested, block_size=min(requested.block_size, WIDE_INPUT_INT8_BLOCK))
     return requested
 
@@ -254,7 +253,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         if weight_only:
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
             in_int8 = weight_only if precision is Precision.INT8 else in_kept  # every layer, or the backup's
-            formats = {layer.name: int8_format(layer, int8) for layer in in_int8}
+            formats = {layer.name: int8_format(layer, int8, spec.hidden_size) for layer in in_int8}
             done = quantize_weights(model, weight_only, fmt or int8, hessians, formats,
                                     progress if trial_count == 1 else QUIET, rounded)
             not_quantizable, narrowed, tied = done.skipped, done.narrowed, done.tied_tables
@@ -299,7 +298,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes)
         trials += [t for t in tried if t is not trial]
         for role in [role for role in kept if role != TABLES] if passes(trial) and hessians is not None else []:
-            gains = _int8_gains([layer for layer in layers if layer.role(spec) == role], hessians, rounded, fmt, int8)
+            gains = _int8_gains([layer for layer in layers if layer.role(spec) == role], hessians, rounded, fmt, int8,
+                                spec.hidden_size)
             if len(gains) < 2:
                 continue
             others = [k for k in kept if k != role]
@@ -349,14 +349,14 @@ def _check_function_kept(prepared: Path, smoothed: Path, calibration: Calibratio
 
 
 def _int8_gains(layers: list, hessians: dict[str, np.ndarray], rounded: dict, fmt: WeightFormat,
-                backup: WeightFormat) -> dict[str, float]:
+                backup: WeightFormat, hidden_size: int) -> dict[str, float]:
     """Each layer's output error on the calibration set, Σ tr(ΔWᵀ H ΔW) with H = Σ x xᵀ, in `fmt` less in
     `backup`: what keeping that layer alone at the backup removes. Layers without both codes are left out."""
     gains = {}
     for layer in layers:
         weight, hessian = layer.weight(), hessians[layer.activation.name]
         errors = []
-        for form in (fmt.for_rows(weight.shape[0]), int8_format(layer, backup).for_rows(weight.shape[0])):
+        for form in (fmt.for_rows(weight.shape[0]), int8_format(layer, backup, hidden_size).for_rows(weight.shape[0])):
             if (layer.name, form) not in rounded:
                 break
             delta = weight - dequantize(*rounded[(layer.name, form)])

@@ -213,7 +213,7 @@ def test_int8_gains_rank_a_role_by_the_output_error_int8_removes(prepared_refere
     int4, int8, rounded = WeightFormat(64, symmetric=False), WeightFormat(32, True, bits=8), {}
     for fmt in (int4, int8):
         quantize_weights(*c_fc_layers(), fmt, hessians, done=rounded)  # GPTQ codes, kept by (layer, format)
-    gains = _int8_gains(layers, hessians, rounded, int4, int8)
+    gains = _int8_gains(layers, hessians, rounded, int4, int8, loaded.spec.hidden_size)  # c_fc reads the hidden size: 32
     assert set(gains) == {layer.name for layer in layers} and min(gains.values()) > 0
     assert max(gains, key=gains.get) == layers[2].name
     layer = layers[0]

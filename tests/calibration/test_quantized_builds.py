@@ -221,7 +221,7 @@ def test_weight_only_int8_on_openvino_keeps_float_activations_and_passes(tmp_pat
     manifest = read_manifest(output)
     quantization = manifest["quantization"]
     assert quantization["layers_quantized"] == quantization["layers_total"] == 17
-    # int8 + an fp16 scale per 32 weights (8.5 bits), per 16 in the layers whose input is wider than their output
+    # int8 + an fp16 scale per 32 weights (8.5 bits), per 16 in the layers reading an input wider than the hidden size
     # (9 bits: the 4 MLP c_proj, 768 x 192, of 2,555,904 linear weights with the tied lm_head)
     wide, linear = 4 * 768 * 192, 4 * (192 * 576 + 192 * 192 + 2 * 192 * 768) + 4096 * 192
     assert quantization["bits_per_weight"]["linear_layers"] == round(8.5 + 0.5 * wide / linear, 3) == 8.615
