@@ -216,7 +216,8 @@ class _BuildState:
         `parameters`: the fp32 model's weights, for the engine's bits per weight."""
         def produce(directory: Path) -> dict:
             tolerances = target.tolerances(self.config.tolerances)
-            settings = {**target.compile(graph, directory, spec), "tolerances": asdict(tolerances)}
+            compiled, runner = target.compile_and_load(graph, directory, spec)
+            settings = {**compiled, "tolerances": asdict(tolerances)}
             settings.update(_engine_size(directory, parameters))
             _warn_short_fusions(self.progress, target.name, settings["fusion"])
             for warning in settings.get("warnings", []):
@@ -224,7 +225,6 @@ class _BuildState:
             if not settings.get("compiled", True):
                 return TargetResult(target.name, settings, None, []).to_dict()
             evaluation = self.evaluation if self.config.precision.quantized else None
-            runner = target.load(directory, spec)
             report = run_parity(runner, self.reference, parity_prompts(self.loaded.tokenizer), self.config.parity)
             accuracy = evaluation.measure(runner, self.progress) if evaluation else None
             failures = _gate(self.config.precision, report, accuracy, tolerances,

@@ -67,3 +67,21 @@ def test_a_contract_cache_continues_in_the_buffer_and_a_short_one_is_refused(run
     assert cache.length == 21 and np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
     with pytest.raises(ValueError, match="cache of 21 positions"):
         buffered.step(token, np.ones((1, 30), np.int64), np.array([[29]]), cache)
+
+
+def test_compile_hands_over_the_session_it_checked(reference_export, tmp_path, monkeypatch):
+    """compile_and_load creates one session (compile's check) and runs it; compile then load creates two."""
+    import gptkiln.targets.onnxruntime as onnxruntime_target
+
+    path, spec = reference_export
+    created = []
+    real = onnxruntime_target.create_session
+    monkeypatch.setattr(onnxruntime_target, "create_session", lambda *args: created.append(args) or real(*args))
+    settings, runner = get_target("onnxruntime").compile_and_load(path, tmp_path / "engine", spec)
+    assert len(created) == 1
+    ids = np.array([[1, 2, 3]], np.int64)
+    logits, _ = runner.step(ids, np.ones_like(ids), np.arange(3)[None], runner.empty_cache(1))
+    loaded = get_target("onnxruntime").load(tmp_path / "engine", spec)
+    assert len(created) == 2 and type(loaded) is type(runner)
+    again, _ = loaded.step(ids, np.ones_like(ids), np.arange(3)[None], loaded.empty_cache(1))
+    assert np.array_equal(logits, again)

@@ -67,10 +67,8 @@ def trial_engine(path: Path, spec: DecoderSpec) -> Iterator[Runner]:
     +4.98% as a graph and +5.01% as the engine on an AVX2 host. The engine lives while it is used."""
     from gptkiln.targets.onnxruntime import OnnxRuntimeTarget
 
-    target = OnnxRuntimeTarget()
     with tempfile.TemporaryDirectory(dir=path.parent) as directory:
-        target.compile(path, Path(directory), spec)
-        yield target.load(Path(directory), spec)
+        yield OnnxRuntimeTarget().compile_and_load(path, Path(directory), spec)[1]
 
 
 def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config: BuildConfig, inputs: QuantInputs,

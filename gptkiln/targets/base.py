@@ -115,6 +115,12 @@ class Target(ABC):
         """Write the engine files into out_dir; return the settings to record in the manifest
         (with a "fusion" entry: the FusionReport of the graph this target runs)."""
 
+    def compile_and_load(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> tuple[dict, Runner | None]:
+        """compile(), and the engine loaded as load() loads it (None where it was not compiled here). A target
+        whose compile loads the engine to check it hands over that one instead of loading it twice."""
+        settings = self.compile(onnx_path, out_dir, spec)
+        return settings, (self.load(out_dir, spec) if settings.get("compiled", True) else None)
+
     def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
         """Write, beside a compiled engine, what this runtime's own generation stack needs to load out_dir as it
         is (gptkiln.ecosystem); return the record for the manifest ({}: nothing for this target)."""

@@ -155,6 +155,9 @@ class OnnxRuntimeTarget(Target):
             raise TargetUnavailableError("onnxruntime is not installed", "pip install onnxruntime") from None
 
     def compile(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> dict:
+        return self.compile_and_load(onnx_path, out_dir, spec)[0]
+
+    def compile_and_load(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> tuple[dict, Runner]:
         import onnx_ir as ir
         import onnxruntime as ort
 
@@ -178,17 +181,18 @@ class OnnxRuntimeTarget(Target):
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
         self.save_runtime_config(out_dir, {"intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache})
         try:
-            create_session(out_dir / MODEL_FILE, self.runtime.threads)  # fail here, not on the user's device
+            session = create_session(out_dir / MODEL_FILE, self.runtime.threads)  # fail here, not on the user's device
         except Exception as exc:
             raise ExportError(f"compile (onnxruntime): the session cannot be created: {exc}",
                               "report this with the model config; the exported graph is invalid for ORT") from exc
-        return {"model": MODEL_FILE, "graph_optimization_level": OPTIMIZATION_LEVEL,
+        settings = {"model": MODEL_FILE, "graph_optimization_level": OPTIMIZATION_LEVEL,
                 "providers": providers(), "onnxruntime": ort.__version__,
                 "intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache,
                 **({"kv_cache_concat_reason": concat_reason} if concat_reason else {}),
                 "last_logits": all_logits_reason is None, "quantized_lookup_tables": tables, "packed_linears": packed,
                 "rotary_in_attention": rotary_reason is None, **({"rotary_reason": rotary_reason} if rotary_reason else {}),
                 **({"last_logits_reason": all_logits_reason} if all_logits_reason else {}), "fusion": fusion.to_dict()}
+        return settings, _runner(spec, session, kv_cache)
 
     def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
         from gptkiln.ecosystem import copy_model_files
@@ -206,5 +210,8 @@ class OnnxRuntimeTarget(Target):
         except Exception as exc:  # ORT raises its own exception types
             raise ArtifactError(f"ONNX Runtime cannot load '{out_dir / MODEL_FILE}': {str(exc).splitlines()[0][:300]}",
                                 "check the onnxruntime version against the manifest's, or export again") from None
-        in_place = config.get("kv_cache", "concat") == "in-place"
-        return (InPlaceRunner if in_place else OnnxRuntimeRunner)(spec, session)
+        return _runner(spec, session, config.get("kv_cache", "concat"))
+
+
+def _runner(spec: DecoderSpec, session, kv_cache: str) -> OnnxRuntimeRunner:
+    return (InPlaceRunner if kv_cache == "in-place" else OnnxRuntimeRunner)(spec, session)

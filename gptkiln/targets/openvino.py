@@ -210,6 +210,9 @@ class OpenVinoTarget(Target):
         return []
 
     def compile(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> dict:
+        return self.compile_and_load(onnx_path, out_dir, spec)[0]
+
+    def compile_and_load(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> tuple[dict, Runner]:
         import onnx_ir as ir
 
         from gptkiln.graph import optimize
@@ -237,11 +240,11 @@ class OpenVinoTarget(Target):
             carry_runtime_options(converted, compile_config(self.runtime))
             ov.save_model(converted, str(out_dir / IR_FILE), compress_to_fp16=False)
         self.save_runtime_config(out_dir, compile_config(self.runtime))
-        self.load(out_dir, spec)  # fail here, not on the user's device
+        runner = self.load(out_dir, spec)  # fail here, not on the user's device
         return {"model": IR_FILE, "stateful": self.stateful, "device": "CPU", "config": compile_config(self.runtime),
                 "openvino": ov.__version__, "fusion": fusion.to_dict(), "packed_linears": packed,
                 "half_constants": half_constants,
-                "warnings": self.precision_warnings(ov)}
+                "warnings": self.precision_warnings(ov)}, runner
 
     def write_ecosystem_files(self, out_dir: Path, spec: DecoderSpec, settings: dict, model_files: Path) -> dict:
         if not self.stateful:
