@@ -82,7 +82,8 @@ def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
         settings.update(smoothquant_alpha=quant.smoothquant_alpha)
     if precision is Precision.INT4:
         settings.update(method=quant.int4_method.value, block_size=quant.int4_block_size,
-                        symmetric=quant.int4_symmetric, backup_block_size=quant.int8_block_size)  # the fallback's int8
+                        symmetric=quant.int4_symmetric, fine_block_size=quant.int4_fine_block_size,
+                        backup_block_size=quant.int8_block_size)  # the fallback's int8
     if precision is Precision.INT8:
         settings.update(block_size=quant.int8_block_size)
     calibrated_int4 = precision is Precision.INT4 and quant.int4_method.calibrated

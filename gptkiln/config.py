@@ -124,6 +124,9 @@ class QuantSettings:
     int4_method: Int4Method = Int4Method.AWQ_GPTQ
     int4_block_size: int = 128
     int4_symmetric: bool = False
+    # the down projection and a tied lm_head (WeightFormat.for_layer); SmolLM2, every layer int4: +10.72% at 4.29 bits
+    # per weight with blocks of 128/64 -> +7.01% at 4.45 (benchmarks/RESULTS.md, session 35)
+    int4_fine_block_size: int = 32
     int8_block_size: int = 32  # weight-only int8, symmetric, round to nearest (llama.cpp's Q8_0 layout)
     fallback: bool = True  # keep the most sensitive layer groups at a backup precision until the budget holds
     eval_text: Path | None = None  # default: the reference model's held-out text

@@ -126,6 +126,10 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
                        help="input rows per int4 scale; a layer whose input size is not a multiple gets the largest "
                             "power of two that divides it (default %(default)s)")
     group.add_argument("--int4-symmetric", action="store_true", help="int4 without zero points")
+    group.add_argument("--int4-fine-block-size", type=int, default=defaults.int4_fine_block_size,
+                       help="input rows per int4 scale, at most, where rounding costs most: a layer reading an input "
+                            "wider than the hidden size (the MLP's down projection) and a tied lm_head "
+                            "(default %(default)s; --int4-block-size's value turns it off)")
     group.add_argument("--int8-block-size", type=int, default=defaults.int8_block_size,
                        help="input rows per scale of weight-only int8 (symmetric; default %(default)s)")
     group.add_argument("--eval-text", type=Path, help="held-out text for the accuracy gate "
@@ -179,7 +183,8 @@ def _quant_settings(args) -> QuantSettings:
     if args.calibration_samples < 1 or args.calibration_seq_len < 32 or args.eval_tokens < 128:
         raise UsageError("--calibration-samples must be >= 1, --calibration-seq-len >= 32, --eval-tokens >= 128",
                          "fix the option values")
-    for option, size in (("--int4-block-size", args.int4_block_size), ("--int8-block-size", args.int8_block_size)):
+    for option, size in (("--int4-block-size", args.int4_block_size), ("--int4-fine-block-size", args.int4_fine_block_size),
+                         ("--int8-block-size", args.int8_block_size)):
         if size < 16 or size & (size - 1):
             raise UsageError(f"{option} must be a power of two >= 16, got {size}", "use 32, 64 or 128")
     if not 0 < args.percentile <= 100:
@@ -197,7 +202,8 @@ def _quant_settings(args) -> QuantSettings:
                          smoothquant_alpha=None if args.no_smoothquant else args.smoothquant_alpha,
                          float_channels=not args.no_float_channels,
                          int4_method=Int4Method(args.int4_method), int4_block_size=args.int4_block_size,
-                         int4_symmetric=args.int4_symmetric, int8_block_size=args.int8_block_size,
+                         int4_symmetric=args.int4_symmetric, int4_fine_block_size=args.int4_fine_block_size,
+                         int8_block_size=args.int8_block_size,
                          fallback=not args.no_fallback,
                          eval_text=args.eval_text, eval_tokens=args.eval_tokens, budget=budget)
 

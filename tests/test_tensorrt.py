@@ -221,7 +221,7 @@ def test_export_without_tensorrt_prepares_the_checked_onnx(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("precision, options", [
-    ("int4", ["--int4-method", "rtn", "--int4-symmetric", "--int4-block-size", "64"]),
+    ("int4", ["--int4-method", "rtn", "--int4-symmetric", "--int4-block-size", "64", "--int4-fine-block-size", "64"]),
     ("w8a8", ["--calibration-samples", "32"]),
 ])
 def test_quantized_graphs_for_tensorrt_are_ready(tmp_path, capsys, calibration_text, precision, options):
@@ -253,10 +253,11 @@ def test_tensorrt_refusals_before_any_work(tmp_path, capsys):
     code = main(["export", "reference", "-o", out, "--target", "tensorrt", "--quantize", "int8-dynamic"])
     assert code == 2 and "cannot run int8-dynamic" in capsys.readouterr().err
     code = main(["export", "reference", "-o", out, "--target", "tensorrt", "--quantize", "int4", "--int4-method", "rtn"])
-    assert code == 2 and "add --int4-symmetric\n" in capsys.readouterr().err
+    assert code == 2 and "add --int4-symmetric --int4-fine-block-size 64\n" in capsys.readouterr().err
     code = main(["export", "reference", "-o", out, "--target", "tensorrt", "--quantize", "int4", "--int4-method", "rtn",
                  "--int4-block-size", "32"])
-    assert code == 2 and "add --int4-symmetric --int4-block-size 128 (or 64)" in capsys.readouterr().err
+    assert code == 2 and "add --int4-symmetric --int4-block-size 128 (or 64) --int4-fine-block-size 64" in (
+        capsys.readouterr().err)
     code = main(["export", "reference", "-o", out, "--quantize", "bf16"])  # no target installed here runs bf16
     assert code == 8 and "--target (tensorrt)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -50,7 +50,7 @@ def awq_scale(model: ir.Model, layers: list[LinearLayer], hessians: dict[str, np
         if any(tied_table(layer) is not None for layer in site.layers):
             continue  # scaled, a tied lm_head would need its own copy of the table; unscaled, it shares the codes
         hessian = hessians[site.activation].astype(np.float64)
-        formats = [fmt.for_rows(layer.weight().shape[0]) for layer in site.layers]
+        formats = [fmt.for_layer(layer, spec.hidden_size).for_rows(layer.weight().shape[0]) for layer in site.layers]
         if any(f is None for f in formats):
             continue
         weights = [layer.weight().astype(np.float64) for layer in site.layers]

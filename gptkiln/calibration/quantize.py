@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from gptkiln.calibration.awq import Scaled, awq_scale
 from gptkiln.calibration.data import CalibrationSet
-from gptkiln.calibration.layers import LinearLayer, linear_bits, linear_layers, weight_bits
+from gptkiln.calibration.layers import linear_bits, linear_layers, weight_bits
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
 from gptkiln.calibration.qdq import activation_threshold, quantize_dynamic, quantize_w8a8
 from gptkiln.calibration.smoothquant import Smoothed, float_channels, smooth
@@ -130,7 +130,9 @@ def method_description(precision: Precision, settings: QuantSettings, calibrated
         return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows (at most "
                            f"{WIDE_INPUT_INT8_BLOCK} where a layer's input is wider than the hidden size)", "rounding": "rtn"}
     return {"weights": f"int4 {'symmetric' if settings.int4_symmetric else 'asymmetric'} "
-                       f"blocks of {settings.int4_block_size} input rows", "rounding": settings.int4_method.value}
+                       f"blocks of {settings.int4_block_size} input rows (at most {settings.int4_fine_block_size} where "
+                       "a layer's input is wider than the hidden size, and for a tied lm_head)",
+            "rounding": settings.int4_method.value}
 
 
 def _float_channels(layers, absmax: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -152,21 +154,15 @@ def smoothquant_alpha(precision: Precision, settings: QuantSettings) -> float | 
 # layer reading an input wider than the hidden size (the MLP's down projection, whose input carries the massive
 # activations) loses most there: SmolLM2 int8 on an AVX2 host +0.35% -> +0.25% with these layers' blocks at 16
 # (+1.7 MB; every layer at 16: +0.07%, +10 MB). OpenVINO, whose activations stay float, is as accurate either way.
-WIDE_INPUT_INT8_BLOCK = 16
-
-
-def int8_format(layer: LinearLayer, requested: WeightFormat, hidden_size: int) -> WeightFormat:
-    """The int8 format of one layer: `requested`, with blocks of at most WIDE_INPUT_INT8_BLOCK rows where the
-    layer's input is wider than the hidden size."""
-    if layer.weight_shape[0] > hidden_size:
-        return replace(requested, block_size=min(requested.block_size, WIDE_INPUT_INT8_BLOCK))
-    return requested
+WIDE_INPUT_INT8_BLOCK = 16  # the int8 fine block (WeightFormat.for_layer): 8-bit MatMulNBits quantizes activations in it
 
 
 def weight_format(precision: Precision, settings: QuantSettings) -> WeightFormat:
+    """The requested format; each layer's is `.for_layer` of it."""
     if precision is Precision.INT8:
-        return WeightFormat(settings.int8_block_size, symmetric=True, bits=8)
-    return WeightFormat(settings.int4_block_size, settings.int4_symmetric, bits=4)
+        return WeightFormat(settings.int8_block_size, symmetric=True, bits=8, fine_block_size=WIDE_INPUT_INT8_BLOCK)
+    return WeightFormat(settings.int4_block_size, settings.int4_symmetric, bits=4,
+                        fine_block_size=settings.int4_fine_block_size)
 
 
 def prepare(exported: Path, prepared: Path, spec: DecoderSpec) -> None:
@@ -253,7 +249,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         if weight_only:
             model.opset_imports[""] = max(model.opset_imports.get("", MIN_OPSET), MIN_OPSET)
             in_int8 = weight_only if precision is Precision.INT8 else in_kept  # every layer, or the backup's
-            formats = {layer.name: int8_format(layer, int8, spec.hidden_size) for layer in in_int8}
+            formats = {layer.name: (int8 if layer in in_int8 else fmt).for_layer(layer, spec.hidden_size)
+                       for layer in weight_only}
             done = quantize_weights(model, weight_only, fmt or int8, hessians, formats,
                                     progress if trial_count == 1 else QUIET, rounded)
             not_quantizable, narrowed, tied = done.skipped, done.narrowed, done.tied_tables
@@ -356,7 +353,8 @@ def _int8_gains(layers: list, hessians: dict[str, np.ndarray], rounded: dict, fm
     for layer in layers:
         weight, hessian = layer.weight(), hessians[layer.activation.name]
         errors = []
-        for form in (fmt.for_rows(weight.shape[0]), int8_format(layer, backup, hidden_size).for_rows(weight.shape[0])):
+        for form in (fmt.for_layer(layer, hidden_size).for_rows(weight.shape[0]),
+                     backup.for_layer(layer, hidden_size).for_rows(weight.shape[0])):
             if (layer.name, form) not in rounded:
                 break
             delta = weight - dequantize(*rounded[(layer.name, form)])

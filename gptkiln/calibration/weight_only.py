@@ -36,6 +36,16 @@ class WeightFormat:
     symmetric: bool
     bits: int = 4  # 4 or 8
     range_search: bool = True  # int4: see params(); off where only an estimate is needed fast (AWQ's α search)
+    fine_block_size: int | None = None  # see for_layer
+
+    def for_layer(self, layer: LinearLayer, hidden_size: int) -> WeightFormat:
+        """The format for one layer: blocks of at most `fine_block_size` rows where rounding costs most, a layer
+        reading an input wider than the hidden size (the MLP's down projection, whose input carries the massive
+        activations) and, at 4 bits, a tied lm_head (its codes are the embedding table's too)."""
+        finer = layer.weight_shape[0] > hidden_size or (self.bits == 4 and tied_table(layer) is not None)
+        if not finer or self.fine_block_size is None:
+            return self
+        return replace(self, block_size=min(self.block_size, self.fine_block_size))
 
     def for_rows(self, rows: int) -> WeightFormat | None:
         """The format for a layer of `rows` input rows: the largest power-of-two block up to this

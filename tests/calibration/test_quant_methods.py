@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptkiln.calibration.data import calibration_set, read_texts
-from gptkiln.calibration.layers import linear_bits, linear_layers, replace_weight
+from gptkiln.calibration.layers import linear_bits, linear_layers, replace_weight, tied_table
 from gptkiln.calibration.outliers import plant_outliers
 from gptkiln.calibration.qdq import activation_threshold
 from gptkiln.calibration.smoothquant import smooth
@@ -132,6 +132,23 @@ def test_a_block_that_does_not_divide_a_layer_is_narrowed_for_that_layer(prepare
     assert sorted(set(rows.values())) == [192, 768] and len(narrowed) == 13  # qkv, attn out, mlp in; lm_head
     blocks = [n.attributes.get_int("block_size") for n in model.graph if n.op_type == "DequantizeLinear"]
     assert sorted(blocks) == sorted(128 if k == 768 else 64 for k in rows.values())
+
+
+def test_finer_blocks_where_rounding_costs_most(prepared_reference):
+    """The MLP's down projection (input 768, hidden size 192) takes the fine block; at 4 bits the tied lm_head too
+    (its codes are wte's); nothing else, and no format without a fine block changes."""
+    path, loaded = prepared_reference
+    layers = linear_layers(ir.load(path))
+    int4, int8 = WeightFormat(128, False, fine_block_size=32), WeightFormat(32, True, bits=8, fine_block_size=16)
+    hidden = loaded.spec.hidden_size
+    blocks = {bits: {layer.name: fmt.for_layer(layer, hidden).block_size for layer in layers}
+              for bits, fmt in ((4, int4), (8, int8))}
+    wide = {layer.name for layer in layers if layer.weight_shape[0] == 768}
+    lm_head = {layer.name for layer in layers if tied_table(layer) is not None}
+    assert len(wide) == 4 and len(lm_head) == 1 and hidden == 192
+    assert blocks[4] == {name: 32 if name in wide | lm_head else 128 for name in blocks[4]}
+    assert blocks[8] == {name: 16 if name in wide else 32 for name in blocks[8]}
+    assert all(WeightFormat(128, False).for_layer(layer, hidden).block_size == 128 for layer in layers)
 
 
 def test_gptq_has_lower_output_error_than_rtn(prepared_reference, calibration):

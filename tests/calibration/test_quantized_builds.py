@@ -160,13 +160,15 @@ def test_weight_int4_and_dynamic_int8_pass(tmp_path, calibration_text, precision
     if precision is Precision.INT4:
         assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 21
         blocked = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
-        assert len(blocked) == 16 and all(any(a.name == "block_size" for a in n.attribute) for n in blocked)
+        blocks = sorted(a.i for n in blocked for a in n.attribute if a.name == "block_size")
+        assert blocks == [32] * 4 + [64] * 12  # c_proj reads 768 > the hidden size: the fine block; the rest 192
         assert result.quantization["method"]["rounding"] == "awq-gptq"  # the default
         assert len(result.quantization["scaling"]) == 8  # ln_1 and ln_2 of 4 blocks: every fold GPT-2 has
         tables = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]  # wte, wpe: 4-bit in int4
         assert len(tables) == 2 and all(a.i == 4 for n in tables for a in n.attribute if a.name == "bits")
         (lm_head,) = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]  # the 17th: tied to wte's codes
         assert lm_head.input[1] in {n.input[0] for n in tables}
+        assert [a.i for a in lm_head.attribute if a.name == "block_size"] == [32]  # a tied lm_head: the fine block
         assert result.quantization["lookup_tables"] == {"transformer.wte.weight": 4, "transformer.wpe.weight": 4}
         scales = {i.name: i.data_type for i in graph.graph.initializer if i.name.endswith(".scale")}
         assert len(scales) == 16 + 1 and set(scales.values()) == {onnx.TensorProto.FLOAT16}  # + wpe's; wte's: .rows

@@ -91,6 +91,7 @@ class TensorRTTarget(Target):
         if config.precision is Precision.INT4:
             fixes = [] if quant.int4_symmetric else ["--int4-symmetric"]
             fixes += [] if quant.int4_block_size in INT4_BLOCK_SIZES else ["--int4-block-size 128 (or 64)"]
+            fixes += [] if quant.int4_fine_block_size in INT4_BLOCK_SIZES else ["--int4-fine-block-size 64"]
             if fixes:
                 raise UsageError("TensorRT runs int4 only symmetric (no zero points) in blocks of 64 or 128",
                                  f"add {' '.join(fixes)}")
