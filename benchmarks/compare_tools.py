@@ -143,13 +143,16 @@ def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, fam
 
 def built_variants(outputs: list[Path], families: set[str], accuracy: dict, plugin_defaults: bool) -> list[Variant]:
     """Every target of gated `gptkiln export` outputs, labelled as the built rows are; their gate's accuracy (the
-    first target's: each is scored on the same windows) goes to `accuracy` under the precision."""
+    first target's: each is scored on the same windows) goes to `accuracy` under the precision. Two outputs of one
+    precision are told apart by their directory's name (the accuracy is the last one's)."""
     variants = []
-    for output in outputs:
-        manifest = read_manifest(output)
+    manifests = {output: read_manifest(output) for output in outputs}
+    precisions = [m["precision"] for m in manifests.values()]
+    for output, manifest in manifests.items():
         if family(manifest["precision"]) not in families:
             continue
-        built = [replace(v, name=f"gptkiln {v.name}") for v in output_variants(output, manifest)]
+        suffix = f" ({output.name})" if precisions.count(manifest["precision"]) > 1 else ""
+        built = [replace(v, name=f"gptkiln {v.name}{suffix}") for v in output_variants(output, manifest)]
         variants += built
         if plugin_defaults and manifest["precision"] != "fp32":
             variants += [replace(v, name=f"{v.name}, optimum-intel's f32 config",
