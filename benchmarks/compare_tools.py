@@ -238,7 +238,8 @@ def main() -> None:
     parser.add_argument("--precision", action="append", choices=FAMILIES,
                         help="only these precisions' rows (repeatable; default: all)")
     parser.add_argument("--int4-block-size", action="append", type=int,
-                        help="one gptkiln int4 build per block size (repeatable; default: gptkiln's default)")
+                        help="one gptkiln int4 build per block size (repeatable; default: gptkiln's default); the down "
+                             "projection and a tied lm_head keep gptkiln's fine block (32) in each")
     parser.add_argument("--markdown", type=Path, help="print the Markdown table of a results JSON and exit")
     args = parser.parse_args()
     if args.markdown:

@@ -26,7 +26,7 @@ PRECISIONS = {
     "fp16": [],
     "bf16": [],
     "w8a8": ["--calibration-samples", "32"],
-    "int4": ["--int4-method", "rtn", "--int4-symmetric", "--int4-block-size", "64"],
+    "int4": ["--int4-method", "rtn", "--int4-symmetric", "--int4-block-size", "64", "--int4-fine-block-size", "64"],
 }
 
 
