@@ -7,17 +7,19 @@
    The lookup tables (embeddings) are stored in 8 bits, 4 in int4 builds (graph.lookup_tables), so every score
    below is the engines' own; a table a weight-only lm_head is tied to shares the lm_head's codes instead;
 3. over budget, the mixed-precision fallback keeps the most sensitive groups at a backup precision (weight-only
-   int8, activations in float; fp32 for int8 itself; 8 bits for int4's tables) until the budget holds or half
-   the groups are kept. A group is a layer role: the same linear layer in every transformer block
-   (`model.layers.*.mlp.down_proj.weight`), or one outside the blocks (the lm_head); 8 for a Llama; plus, in
-   int4 builds, the lookup tables. Where GPTQ's Hessians are at hand (int4 gptq, awq-gptq), a kept role is then
-   narrowed to its layers: ranked by the output error that int8 removes from each (Σ tr(ΔWᵀ H ΔW), no
-   evaluation needed), the fewest of them that still meet the budget are kept (their count found by
-   interpolating the perplexity between the nearest failing and passing counts, at most 5 evaluations).
-   Measured on SmolLM2, rounding error sits in roles across the blocks, not in a few blocks. Each group's
-   sensitivity is how much leaving it alone at the backup precision brings the model's next-token
-   distributions back to fp32's (a Probe: one batch of windows, a fraction of an evaluation); the number
-   of groups kept is searched 1, 2, 4, ... and then bisected, each count scored by a full evaluation.
+   int8, activations in float; fp32 for int8 itself; 8 bits for int4's tables) until the budget holds. A group is
+   a layer role: the same linear layer in every transformer block (`model.layers.*.mlp.down_proj.weight`), or one
+   outside the blocks (the lm_head); 8 for a Llama; plus, in int4 builds, the lookup tables. Each group's
+   sensitivity is how much leaving it alone at the backup precision brings the model's next-token distributions
+   back to fp32's (a Probe: one batch of windows, a fraction of an evaluation). Without GPTQ's Hessians the
+   groups are kept whole, most sensitive first, their count searched 1, 2, 4, ... (at most half the groups) and
+   then bisected, each count scored by a full evaluation. Where the Hessians are at hand (int4 gptq, awq-gptq),
+   the units kept are layers: each role's sensitivity is shared among its layers by the output error int8 removes
+   from each (Σ tr(ΔWᵀ H ΔW), no evaluation), every layer ranked by that estimate per weight, and each trial keeps
+   the fewest weights whose estimates reach a goal placed where the perplexity, interpolated over the summed
+   estimates, meets the budget (_search_by_estimate; at most half the weights). Measured on SmolLM2, rounding
+   error sits in roles across the blocks, not in a few blocks, and the small attention projections give back
+   more per weight than the MLP's.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class QuantResult:
     bits_per_weight: dict[str, float | None] = field(default_factory=dict)
     float_channels: dict[str, list[int]] = field(default_factory=dict)  # W8A8: activation -> channels kept in float
     lookup_tables: dict[str, int] = field(default_factory=dict)  # embeddings only Gather reads -> their bits
-    # a kept role narrowed to some of its layers: each kept layer -> the output error int8 removes (_int8_gains)
+    # a layer-wise fallback's kept layers -> the output error int8 removes from each (_int8_gains)
     output_error: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -269,7 +271,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         graph = build(set(kept))
         trial = Trial(list(kept), evaluate(graph.path))
         what = "all layers" if not kept else f"{backup}: " + (", ".join(kept) if len(kept) <= 6 else
-                                                               f"{len(kept)} groups ({', '.join(kept[:4])}, ...)")
+                                                               f"{len(kept)} ({', '.join(kept[:4])}, ...)")
         progress.say(f"    {what}: perplexity {trial.accuracy.ppl:.3f} ({trial.accuracy.ppl_increase_pct:+.2f}%), "
             f"top-1 {trial.accuracy.top1_agreement:.2%}, {graph.bits_per_weight['model']:.2f} bits per weight")
         return graph, trial
@@ -292,24 +294,22 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         bar.close()
         ranked = sorted(groups, key=sensitivity.get, reverse=True)
         progress.say(f"    most sensitive: {', '.join(ranked[:3])}")
-        graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes)
+        if hessians is None:
+            graph, trial, kept, tried = _search_count(ranked, len(groups) // 2, attempt, passes)
+        else:  # the units are the layers, ranked together by the divergence each is estimated to remove per weight
+            gains = _int8_gains(layers, hessians, rounded, fmt, int8, spec.hidden_size)
+            tables = set(graph.lookup_tables) - graph.tied_tables if TABLES in groups else set()
+            estimate, size = _layer_estimates(layers, spec, sensitivity, gains,
+                                              sum(model.graph.initializers[name].const_value.size for name in tables))
+            units = sorted(estimate, key=lambda unit: estimate[unit] / size[unit], reverse=True)
+            limit = sum(size.values()) // 2
+            progress.say(f"    {len(units)} layers ranked by the divergence each removes per weight; searching "
+                         f"the fewest weights to keep in {backup} (at most half)")
+            graph, trial, kept, tried = _search_by_estimate(units, estimate, size, limit, attempt, passes,
+                                                            trial.accuracy.ppl_increase_pct,
+                                                            budget.max_ppl_increase_pct)
+            output_error = {name: float(f"{gains[name]:.6g}") for name in kept if name in gains}
         trials += [t for t in tried if t is not trial]
-        for role in [role for role in kept if role != TABLES] if passes(trial) and hessians is not None else []:
-            gains = _int8_gains([layer for layer in layers if layer.role(spec) == role], hessians, rounded, fmt, int8,
-                                spec.hidden_size)
-            if len(gains) < 2:
-                continue
-            others = [k for k in kept if k != role]
-            progress.say(f"    narrowing {role} to its layers, ranked by the output error int8 removes from each")
-            narrowed_graph, narrowed_trial, layers_kept, tried = _search_narrowed(
-                sorted(gains, key=gains.get, reverse=True), lambda names: attempt(others + names), passes,
-                (graph, trial), budget.max_ppl_increase_pct)
-            if passes(narrowed_trial):
-                trials += [trial] + [t for t in tried if t is not narrowed_trial]
-                graph, trial, kept = narrowed_graph, narrowed_trial, others + layers_kept
-                output_error.update({name: float(f"{gains[name]:.6g}") for name in layers_kept})
-            else:
-                trials += tried
         trials.append(trial)  # the kept graph's trial last: it is the result
     for directory in work.glob("trial-*"):
         if directory != graph.path.parent:
@@ -364,36 +364,115 @@ def _int8_gains(layers: list, hessians: dict[str, np.ndarray], rounded: dict, fm
     return gains
 
 
-MAX_NARROWING_TRIALS = 5
+def _layer_estimates(layers: list, spec: DecoderSpec, sensitivity: dict[str, float], gains: dict[str, float],
+                     table_size: int) -> tuple[dict[str, float], dict[str, int]]:
+    """The layer-wise fallback's units (each layer with an int8 gain, plus the lookup tables' group where it is one)
+    -> the Probe divergence keeping it at the backup is estimated to remove, and its weights. A role's divergence
+    is shared among its layers in proportion to their gains: a Probe compares roles (the model's output), a gain
+    only a role's layers (each is an error in its own layer's output)."""
+    estimate, size, by_role = {}, {}, {}
+    for layer in layers:
+        if layer.name in gains:
+            by_role.setdefault(layer.role(spec), []).append(layer)
+    for role, members in by_role.items():
+        shares = np.array([max(gains[layer.name], 0.0) for layer in members])
+        shares = shares / shares.sum() if shares.sum() > 0 else np.full(len(members), 1 / len(members))
+        for layer, share in zip(members, shares):
+            estimate[layer.name] = max(sensitivity[role], 0.0) * float(share)
+            size[layer.name] = math.prod(layer.weight_shape)
+    if table_size:
+        estimate[TABLES], size[TABLES] = max(sensitivity[TABLES], 0.0), table_size
+    return estimate, size
 
 
-def _search_narrowed(ranked: list[str], attempt, passes, everything: tuple, target_pct: float) -> tuple:
-    """The fewest of the ranked layers to keep for the budget to hold, `everything` = (graph, trial) with all of them
-    kept being known to pass: 1 first, then each count interpolated on the perplexity increase between the largest
-    count that failed and the smallest that passed (it falls fastest over the first layers, so the guess lands just
-    on the passing side), bisected when two guesses in a row fell on the same side; at most MAX_NARROWING_TRIALS
-    evaluations. Returns (graph, trial, kept, the trials made); when none passes, the last trial (not passing)."""
-    failed, failed_pct = 0, None
-    passing, (best_graph, best_trial) = len(ranked), everything
-    count, tried, outcomes = 1, [], []
-    while passing - failed > 1 and len(tried) < MAX_NARROWING_TRIALS:
-        graph, trial = attempt(ranked[:count])
-        tried.append(trial)
+def _cover(ranked: list[str], estimate: dict[str, float], size: dict[str, int], goal: float) -> list[str]:
+    """Few weights whose units' summed estimate reaches `goal`: the ranked units (most estimate per weight first) up
+    to the one that reaches it, unless leaving a unit out and going on down the ranking reaches it in fewer weights
+    (a large unit, the tied lm_head, just past what is needed); repeated while that helps. Every unit when even
+    all of them fall short."""
+    def prefix(left_out: set[str]) -> list[str]:
+        chosen, reached = [], 0.0
+        for unit in ranked:
+            if reached >= goal:
+                break
+            if unit not in left_out:
+                chosen.append(unit)
+                reached += estimate[unit]
+        return chosen if reached >= goal else list(ranked)
+
+    def weights(units: list[str]) -> int:
+        return sum(size[unit] for unit in units)
+
+    left_out, best = set(), prefix(set())
+    while True:
+        options = [prefix(left_out | {unit}) for unit in best]
+        better = min(options, key=weights, default=best)
+        if weights(better) >= weights(best):
+            return best
+        left_out |= set(best) - set(better)
+        best = better
+
+
+def _fill(ranked: list[str], size: dict[str, int], limit: int) -> list[str]:
+    """The most units, in ranked order, that fit in `limit` weights: a unit that does not fit is passed over."""
+    chosen, used = [], 0
+    for unit in ranked:
+        if used + size[unit] <= limit:
+            chosen.append(unit)
+            used += size[unit]
+    return chosen
+
+
+MAX_ESTIMATED_TRIALS = 6
+
+
+def _search_by_estimate(ranked: list[str], estimate: dict[str, float], size: dict[str, int], limit: int, attempt,
+                        passes, start_pct: float, target_pct: float) -> tuple:
+    """The units to keep for the budget to hold in the fewest weights (at most `limit`), none kept being known to fail
+    at `start_pct`. The perplexity increase is taken as linear in the kept units' summed estimate (their reach);
+    each trial keeps the `_cover` of the reach where that line meets the target. The first line runs from none
+    kept to every unit kept at an increase of 0 (the estimates are what each removes: all of them leave none);
+    while none passed, the next is the line through the last two that failed; then between the nearest failing
+    and passing trials, halved when two guesses in a row fell on one side. The search ends when no set lies
+    between the nearest failing and passing ones, or after MAX_ESTIMATED_TRIALS evaluations, the last of them
+    trying `_fill(limit)` if none passed yet. Returns (graph, trial, kept, the trials made); when none passes,
+    the last trial (not passing) and the units it kept."""
+    def reach(units: list[str]) -> float:
+        return sum(estimate[unit] for unit in units)
+
+    widest = _fill(ranked, size, limit)
+    failures, passing = [([], start_pct)], (list(ranked), 0.0)  # (units, increase); passing: none tried yet
+    best, tried, made, outcomes = None, [], [], []  # tried: the units of each trial made
+    while len(made) < MAX_ESTIMATED_TRIALS and failures[-1][0] != widest:
+        (before, before_pct), (failed, failed_pct) = ([(None, None)] + failures)[-2:]
+        if best is None and len(made) == MAX_ESTIMATED_TRIALS - 1:
+            units = widest
+        else:
+            if best is not None and outcomes[-2:] in ([True, True], [False, False]):
+                high, high_pct, low, low_pct, share = failed, failed_pct, passing[0], passing[1], 0.5
+            else:
+                if best is None and before is not None and before_pct > failed_pct:  # the last two failures' line
+                    (high, high_pct), (low, low_pct) = (before, before_pct), (failed, failed_pct)
+                else:
+                    (high, high_pct), (low, low_pct) = (failed, failed_pct), passing
+                share = (high_pct - target_pct) / (high_pct - low_pct) if high_pct > low_pct else 0.5
+            units = _cover(ranked, estimate, size, reach(high) + share * (reach(low) - reach(high)))
+            if sum(size[unit] for unit in units) > limit:
+                units = widest
+            if not reach(failed) < reach(units) < (reach(passing[0]) if best else math.inf) or units in tried:
+                break  # no set between the nearest failing and passing ones
+        graph, trial = attempt(units)
+        tried.append(units)
+        made.append(trial)
         outcomes.append(passes(trial))
         if outcomes[-1]:
-            passing, best_graph, best_trial = count, graph, trial
+            passing, best = (units, trial.accuracy.ppl_increase_pct), (graph, trial, units)
         else:
-            failed, failed_pct = count, trial.accuracy.ppl_increase_pct
-        if failed_pct is None or outcomes[-2:] in ([True, True], [False, False]):
-            count = (failed + passing) // 2  # bisect: two guesses in a row fell on one side
-        else:
-            high, low = failed_pct, best_trial.accuracy.ppl_increase_pct
-            share = (high - target_pct) / (high - low) if high > low else 0.5
-            count = failed + math.ceil(share * (passing - failed))
-        count = min(max(count, failed + 1), passing - 1)
-    if best_trial is everything[1]:  # none passed
-        return graph, trial, ranked[:failed], tried
-    return best_graph, best_trial, ranked[:passing], tried
+            failures.append((units, trial.accuracy.ppl_increase_pct))
+            last = (graph, trial)
+    if best is None:
+        return *last, failures[-1][0], made
+    return *best, made
 
 
 def _search_count(ranked: list[str], limit: int, attempt, passes) -> tuple:

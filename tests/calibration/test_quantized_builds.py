@@ -283,3 +283,33 @@ def test_int4_fallback_keeps_the_most_sensitive_roles_in_int8(tmp_path):
     assert int8_roles == set(kept) - {tables}  # exactly the kept roles' layers are int8; the rest int4
     assert quantization["lookup_tables"] == {"transformer.wpe.weight": 8 if tables in kept else 4,
                                              "transformer.wte.weight": 8 if tied_lm_head in kept else 4}
+
+
+def test_int4_fallback_with_hessians_keeps_layers_in_int8(tmp_path, calibration_text):
+    """With GPTQ's Hessians (the default awq-gptq) the fallback keeps layers, not roles: each role's probe divergence
+    shared among its layers by the output error int8 removes from each, ranked per weight, each trial's set guessed
+    from the estimates. Exactly the kept layers are int8 in the engine, each with its output error in the manifest,
+    and the lookup tables are 8 bits where kept."""
+    import onnx_ir as ir
+
+    from gptkiln.calibration.quantize import MAX_ESTIMATED_TRIALS, TABLES
+
+    # all int4: +1.15%; the tied lm_head (and with it wte) in int8: +0.55%; and wpe: +0.27%
+    budget = replace(AccuracyBudget.default(Precision.INT4), max_ppl_increase_pct=0.5)
+    config = BuildConfig(model="reference", output=tmp_path / "out", precision=Precision.INT4,
+                         quant=quant(calibration_text, budget=budget))
+    result = build(config)
+    assert result.ok, result.targets[0].failures
+    quantization = result.quantization
+    kept, trials = quantization["kept"], quantization["trials"]
+    assert set(kept) - {TABLES} and all("*" not in name for name in kept) and quantization["kept_precision"] == "int8"
+    assert set(quantization["output_error"]) == set(kept) - {TABLES}
+    assert min(quantization["output_error"].values()) > 0
+    assert trials[0]["accuracy"]["ppl_increase_pct"] > 0.5 >= trials[-1]["accuracy"]["ppl_increase_pct"]
+    assert trials[-1]["kept"] == kept and len(trials) <= 1 + MAX_ESTIMATED_TRIALS
+    assert trials[-1]["accuracy"] == result.targets[0].accuracy.to_dict()
+    graph = ir.load(tmp_path / "out" / "onnxruntime" / "model.onnx")
+    int8 = {name.removesuffix(".blocks").removesuffix(".int8") for name in graph.graph.initializers
+            if name.endswith((".int8", ".int8.blocks"))}
+    assert int8 == set(kept) - {TABLES}
+    assert quantization["lookup_tables"]["transformer.wpe.weight"] == (8 if TABLES in kept else 4)
