@@ -4,13 +4,15 @@
                                              [--concat-cache] [--openvino-plugin-defaults]
                                              [--gptkiln OUTPUT ...] [--threads 2] [--repeats 3]
                                              [--precision fp32|int8|int4 ...] [--int4-block-size N ...]
+                                             [--int4-method rtn|gptq|awq-gptq] [--int4-symmetric]
 
 MODEL: reference, preset:gpt2 (the GPT-2 small shape) or a model path (SmolLM2's GGUF file). In one
 run, each in its own process, measured in interleaved rounds (gptkiln.bench.measure: prefill b1 x 128,
 TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
 - PyTorch eager fp32 (the baseline) and torch.compile (inductor, dynamic shapes);
 - gptkiln's engines, onnxruntime and openvino targets, fp32 / w8a8 / int8-dynamic (onnxruntime) /
-  int8 (weight-only) / int4 (GPTQ, gptkiln's default block; one build per --int4-block-size). They are
+  int8 (weight-only) / int4 (gptkiln's default method and block; one build per --int4-block-size, rounded by
+  --int4-method, without zero points with --int4-symmetric: onnxruntime-genai's format is rtn, symmetric, 32). They are
   built here by the
   code `gptkiln export` runs (quantize + target.compile), without its accuracy gate: the random-weight
   preset fails it by design (benchmarks/RESULTS.md). fp32 on openvino runs twice: as built (f32 KV cache)
@@ -25,6 +27,9 @@ TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
 - --openvino-plugin-defaults (with --gptkiln): each quantized gptkiln OpenVINO engine once more with the config the
   "optimum-intel, f32 config" rows run with (f32 inference and cache, the CPU plugin's default run-time int8
   activations, DYNAMIC_QUANTIZATION_GROUP_SIZE 32, which gptkiln's quantized builds turn off): same IR, same config;
+- --genai-loop (with --gptkiln): each gptkiln onnxruntime engine once more, run by onnxruntime-genai's Generator
+  from the genai_config.json gptkiln writes beside it: the same graph under genai's C++ loop, which tells the
+  graph's cost from the Python loop's;
 - --gguf-dir DIR: llama.cpp's GGUF files of the same weights, DIR/*-{F32,Q8_0,Q4_0,Q4_K_M}.gguf (shared/anchors.md:
   convert_hf_to_gguf.py --outtype f32, then llama-quantize), run by llama-cpp-python's C bindings in this
   environment (benchmarks/llamacpp_runner.py: one context, one sequence per batch row, the default context
@@ -61,7 +66,8 @@ from gptkiln.bench.traffic import onnx_weight_bytes, openvino_weight_bytes
 from gptkiln.calibration.data import calibration_set, read_texts
 from gptkiln.calibration.perplexity import EvalText, Evaluation
 from gptkiln.calibration.quantize import prepare, quantize
-from gptkiln.config import AccuracyBudget, CalibrationSettings, Precision, QuantSettings, RuntimeSettings
+from gptkiln.config import AccuracyBudget, CalibrationSettings, Int4Method, Precision, QuantSettings, RuntimeSettings
+from gptkiln.ecosystem.onnxruntime_genai import CONFIG_FILE as GENAI_CONFIG
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.exporter.to_onnx import export_onnx
 from gptkiln.graph import optimize
@@ -97,10 +103,11 @@ def family(precision: str) -> str:
 
 
 def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, families: set[str],
-                     int4_blocks: list[int], concat_cache: bool) -> list[Variant]:
+                     int4_blocks: list[int], concat_cache: bool, int4: dict) -> list[Variant]:
+    """`int4`: QuantSettings fields of the int4 builds (--int4-method, --int4-symmetric)."""
     spec = loaded.spec
     text = stdlib_text(work)
-    base = QuantSettings(calibration=CalibrationSettings(path=text), fallback=False)
+    base = QuantSettings(calibration=CalibrationSettings(path=text), fallback=False, **int4)
     calibration = calibration_set(read_texts(text), loaded.tokenizer, base.calibration, str(text))
     evaluation = Evaluation.prepare(loaded, EvalText.read(None), 8192 if loaded.source["name"] == "reference" else 2048)
 
@@ -141,10 +148,12 @@ def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, fam
     return variants
 
 
-def built_variants(outputs: list[Path], families: set[str], accuracy: dict, plugin_defaults: bool) -> list[Variant]:
+def built_variants(outputs: list[Path], families: set[str], accuracy: dict, plugin_defaults: bool,
+                   genai_length: int | None = None) -> list[Variant]:
     """Every target of gated `gptkiln export` outputs, labelled as the built rows are; their gate's accuracy (the
     first target's: each is scored on the same windows) goes to `accuracy` under the precision. Two outputs of one
-    precision are told apart by their directory's name (the accuracy is the last one's)."""
+    precision are told apart by their directory's name (the accuracy is the last one's). With `genai_length` (its
+    max_length), each onnxruntime engine also runs under onnxruntime-genai's Generator."""
     variants = []
     manifests = {output: read_manifest(output) for output in outputs}
     precisions = [m["precision"] for m in manifests.values()]
@@ -158,6 +167,10 @@ def built_variants(outputs: list[Path], families: set[str], accuracy: dict, plug
             variants += [replace(v, name=f"{v.name}, optimum-intel's f32 config",
                                  load=partial(load_openvino_ir, str(output / v.target / IR_FILE), manifest["spec"],
                                               parity_config=True)) for v in built if v.target == "openvino"]
+        if genai_length and (output / "onnxruntime" / GENAI_CONFIG).is_file():
+            variants += [replace(v, name=f"{v.name}, run by onnxruntime-genai",
+                                 load=partial(load_genai, str(output / v.target), manifest["spec"], genai_length))
+                         for v in built if v.target == "onnxruntime"]
         first = next(iter(manifest["targets"].values()))
         if manifest["precision"] != "fp32" and first.get("accuracy"):
             accuracy[manifest["precision"]] = first["accuracy"]
@@ -227,6 +240,8 @@ def main() -> None:
     parser.add_argument("--genai", type=Path, help="onnxruntime-genai builder outputs (see the docstring)")
     parser.add_argument("--openvino-plugin-defaults", action="store_true",
                         help="with --gptkiln: also each quantized OpenVINO engine in optimum-intel's f32 config")
+    parser.add_argument("--genai-loop", action="store_true",
+                        help="with --gptkiln: also each onnxruntime engine run by onnxruntime-genai's Generator")
     parser.add_argument("--gguf-dir", type=Path, help="llama.cpp GGUF files (see the docstring)")
     parser.add_argument("--gptkiln", type=Path, action="append", help="a gated `gptkiln export` output (repeatable)")
     parser.add_argument("--concat-cache", action="store_true",
@@ -240,6 +255,9 @@ def main() -> None:
     parser.add_argument("--int4-block-size", action="append", type=int,
                         help="one gptkiln int4 build per block size (repeatable; default: gptkiln's default); the down "
                              "projection and a tied lm_head keep gptkiln's fine block (32) in each")
+    parser.add_argument("--int4-method", choices=[m.value for m in Int4Method], default=QuantSettings.int4_method.value,
+                        help="the int4 builds' rounding (default gptkiln's)")
+    parser.add_argument("--int4-symmetric", action="store_true", help="the int4 builds without zero points")
     parser.add_argument("--markdown", type=Path, help="print the Markdown table of a results JSON and exit")
     args = parser.parse_args()
     if args.markdown:
@@ -258,10 +276,13 @@ def main() -> None:
         accuracy: dict = {}
         families = set(args.precision or FAMILIES)
         if args.gptkiln:
-            variants += built_variants(args.gptkiln, families, accuracy, args.openvino_plugin_defaults)
+            variants += built_variants(args.gptkiln, families, accuracy, args.openvino_plugin_defaults,
+                                       settings.prompt_tokens + settings.new_tokens if args.genai_loop else None)
         else:
             variants += gptkiln_variants(loaded, work, progress, accuracy, families,
-                                         args.int4_block_size or [QuantSettings.int4_block_size], args.concat_cache)
+                                         args.int4_block_size or [QuantSettings.int4_block_size], args.concat_cache,
+                                         {"int4_method": Int4Method(args.int4_method),
+                                          "int4_symmetric": args.int4_symmetric})
         if args.genai:
             variants += genai_variants(args.genai, spec, settings, families)
         if args.gguf_dir:
@@ -277,6 +298,8 @@ def main() -> None:
     label = Path(args.model).stem if Path(args.model).exists() else args.model.replace(":", "_")
     stem = f"compare_tools-{label}" + "".join(f"-{f}" for f in args.precision or [])
     stem += "".join(f"-g{b}" for b in args.int4_block_size or []) + ("-built" if args.gptkiln else "")
+    stem += ("-symmetric" if args.int4_symmetric else "") + (
+        f"-{args.int4_method}" if args.int4_method != QuantSettings.int4_method.value else "")
     (HERE / "results" / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     chart(report, HERE / "results" / f"{stem}.png")
     print(summary(report))

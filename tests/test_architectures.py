@@ -59,7 +59,7 @@ def test_family_passes_fp32_parity_on_every_cpu_target(model_type, tiny_model_di
 
 def test_gqa_attention_reads_the_cache_without_repeating_it(tiny_model_dir, tmp_path):
     """No Expand or Concat touches the cache: on ONNX Runtime each layer is one GroupQueryAttention reading
-    kv_num_heads (2 of 4 here) straight from its past input and writing its present; the portable graph's
+    kv_num_heads (2 of 4 here) straight from its past input and writing its present (no Reshape after it); the portable graph's
     Attention nodes (what OpenVINO compiles) take the same K/V heads from the Concat of past and new."""
     import onnx_ir as ir
 
@@ -78,6 +78,8 @@ def test_gqa_attention_reads_the_cache_without_repeating_it(tiny_model_dir, tmp_
         assert [v.name for v in node.inputs[3:5]] == past_names(result.spec.num_layers)[2 * layer: 2 * layer + 2]
         assert all(node.inputs[i] is pasts[node.inputs[i].name] for i in (3, 4))
     assert not [node for node in graph if node.op_type == "Expand" and node.outputs[0].dtype != ir.DataType.INT64]
+    # its output is [batch, seq, hidden] already: o_proj reads it without the Reshape that merged the heads
+    assert all(user.op_type != "Reshape" for node in gqa for user, _ in node.outputs[0].uses())
 
 
 def test_a_family_outside_the_tested_list_is_exported_and_gated(tmp_path, capsys):

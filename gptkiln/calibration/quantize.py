@@ -14,13 +14,12 @@
    back to fp32's (a Probe: one batch of windows, a fraction of an evaluation). Without GPTQ's Hessians the
    groups are kept whole, most sensitive first, their count searched 1, 2, 4, ... (at most half the groups) and
    then bisected, each count scored by a full evaluation. Where the Hessians are at hand (int4 gptq, awq-gptq),
-   the units kept are layers (those that read one activation together: the targets pack them): each role's
-   sensitivity is shared among its layers by the output error int8 removes from each (Σ tr(ΔWᵀ H ΔW), no
-   evaluation), every unit ranked by that estimate per weight, and each trial keeps
+   the units kept are layers: each role's sensitivity is shared among its layers by the output error int8 removes
+   from each (Σ tr(ΔWᵀ H ΔW), no evaluation), every layer ranked by that estimate per weight, and each trial keeps
    the fewest weights whose estimates reach a goal placed where the perplexity, interpolated over the summed
    estimates, meets the budget (_search_by_estimate; at most half the weights). Measured on SmolLM2, rounding
-   error sits in roles across the blocks, not in a few blocks, and the attention's q/k/v give back more per
-   weight than the MLP's layers.
+   error sits in roles across the blocks, not in a few blocks, and the small attention projections give back
+   more per weight than the MLP's.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from gptkiln.config import (AUTO_ALPHA, DYNAMIC_ALPHA, FLOAT_RATIO, FLOAT_SHARE,
                             Int4Method, Precision, QuantSettings)
 from gptkiln.exporter.io_spec import DATA_FILE, MODEL_FILE
 from gptkiln.graph.lookup_tables import quantize_lookup_tables
-from gptkiln.graph.packed_linears import packed_name
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.progress import QUIET, Progress
 
@@ -301,16 +299,15 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         else:  # the units are the layers, ranked together by the divergence each is estimated to remove per weight
             gains = _int8_gains(layers, hessians, rounded, fmt, int8, spec.hidden_size)
             tables = set(graph.lookup_tables) - graph.tied_tables if TABLES in groups else set()
-            estimate, size, names = _layer_estimates(layers, spec, sensitivity, gains, sum(
-                model.graph.initializers[name].const_value.size for name in tables))
+            estimate, size = _layer_estimates(layers, spec, sensitivity, gains,
+                                              sum(model.graph.initializers[name].const_value.size for name in tables))
             units = sorted(estimate, key=lambda unit: estimate[unit] / size[unit], reverse=True)
-            progress.say(f"    {len(units)} units (the layers that read one activation) ranked by the divergence "
-                         f"each removes per weight; searching the fewest weights to keep in {backup} (at most half)")
-            graph, trial, kept, tried = _search_by_estimate(
-                units, estimate, size, sum(size.values()) // 2,
-                lambda chosen: attempt([name for unit in chosen for name in names[unit]]), passes,
-                trial.accuracy.ppl_increase_pct, budget.max_ppl_increase_pct)
-            kept = [name for unit in kept for name in names[unit]]
+            limit = sum(size.values()) // 2
+            progress.say(f"    {len(units)} layers ranked by the divergence each removes per weight; searching "
+                         f"the fewest weights to keep in {backup} (at most half)")
+            graph, trial, kept, tried = _search_by_estimate(units, estimate, size, limit, attempt, passes,
+                                                            trial.accuracy.ppl_increase_pct,
+                                                            budget.max_ppl_increase_pct)
             output_error = {name: float(f"{gains[name]:.6g}") for name in kept if name in gains}
         trials += [t for t in tried if t is not trial]
         trials.append(trial)  # the kept graph's trial last: it is the result
@@ -368,29 +365,24 @@ def _int8_gains(layers: list, hessians: dict[str, np.ndarray], rounded: dict, fm
 
 
 def _layer_estimates(layers: list, spec: DecoderSpec, sensitivity: dict[str, float], gains: dict[str, float],
-                     table_size: int) -> tuple[dict[str, float], dict[str, int], dict[str, list[str]]]:
-    """The layer-wise fallback's units -> the Probe divergence keeping each at the backup is estimated to remove, its
-    weights, and the layers (or the lookup tables' group) it stands for. A unit is the layers with an int8 gain that
-    read one activation (q/k/v, gate/up): the targets pack those into one MatMul when they share a precision
-    (graph.packed_linears), so splitting them would cost a decode step a kernel each. A role's divergence is shared
-    among its layers in proportion to their gains: a Probe compares roles (the model's output), a gain only a
-    role's layers (each is an error in its own layer's output)."""
-    by_role, readers, share = {}, {}, {}
+                     table_size: int) -> tuple[dict[str, float], dict[str, int]]:
+    """The layer-wise fallback's units (each layer with an int8 gain, plus the lookup tables' group where it is one)
+    -> the Probe divergence keeping it at the backup is estimated to remove, and its weights. A role's divergence
+    is shared among its layers in proportion to their gains: a Probe compares roles (the model's output), a gain
+    only a role's layers (each is an error in its own layer's output)."""
+    estimate, size, by_role = {}, {}, {}
     for layer in layers:
         if layer.name in gains:
             by_role.setdefault(layer.role(spec), []).append(layer)
-            readers.setdefault(layer.activation.name, []).append(layer)
     for role, members in by_role.items():
         shares = np.array([max(gains[layer.name], 0.0) for layer in members])
         shares = shares / shares.sum() if shares.sum() > 0 else np.full(len(members), 1 / len(members))
-        share.update({layer.name: max(sensitivity[role], 0.0) * float(s) for layer, s in zip(members, shares)})
-    units = {packed_name([layer.name for layer in members]): members for members in readers.values()}
-    estimate = {unit: sum(share[layer.name] for layer in members) for unit, members in units.items()}
-    size = {unit: sum(math.prod(layer.weight_shape) for layer in members) for unit, members in units.items()}
-    names = {unit: [layer.name for layer in members] for unit, members in units.items()}
+        for layer, share in zip(members, shares):
+            estimate[layer.name] = max(sensitivity[role], 0.0) * float(share)
+            size[layer.name] = math.prod(layer.weight_shape)
     if table_size:
-        estimate[TABLES], size[TABLES], names[TABLES] = max(sensitivity[TABLES], 0.0), table_size, [TABLES]
-    return estimate, size, names
+        estimate[TABLES], size[TABLES] = max(sensitivity[TABLES], 0.0), table_size
+    return estimate, size
 
 
 def _cover(ranked: list[str], estimate: dict[str, float], size: dict[str, int], goal: float) -> list[str]:

@@ -11,6 +11,7 @@ Per layer, after the portable and grouped_attention fusions (rotary optional, GQ
     q3 = RotaryEmbedding(Reshape(q, [0,0,-1]), num_heads)           [batch, seq, heads*head]
     out, present_k, present_v = GroupQueryAttention(q3, k3, v3, past_k, past_v, seqlens_k, total,
                                                     attention_bias=mask)       [batch, seq, heads*head]
+    (a Reshape of out to [batch, seq, heads*head], which merged the heads before, is dropped)
 
 seqlens_k is total-1 for every row and the mask (padding, causal, window) is the attention bias,
 so left padding works as before. The op has two modes, chosen by the caller's buffers:
@@ -67,7 +68,9 @@ def share_kv_buffers(model: ir.Model, spec: DecoderSpec) -> str | None:
         graph.insert_before(attention, gqa)
         result = gqa.outputs[0]
         result.name, result.dtype = f"{attention.name}_gqa_out", out.dtype
+        result.shape = ir.Shape([*inputs["input_ids"].shape, spec.num_heads * spec.head_dim])
         ir.convenience.replace_all_uses_with(out, result)
+        _skip_identity_reshapes(result)
         for concat, present in zip(concats, gqa.outputs[1:]):
             old = concat.outputs[0]
             present.type, present.shape = old.type, old.shape  # the contract's shape (arrays in)
@@ -135,6 +138,15 @@ def _heads_first(value: ir.Value, rotary_allowed: bool = True) -> tuple[ir.Value
     if node is None or node.op_type != "Transpose" or list(node.attributes.get_ints("perm", [])) != HEADS_FIRST:
         return None
     return node.inputs[0], norms, rotary
+
+
+def _skip_identity_reshapes(result: ir.Value) -> None:
+    """The Reshapes that merged the heads, where they now reshape [batch, seq, hidden] to itself (their output's
+    shape is the output's): read the attention's output directly (a kernel a layer less each step)."""
+    for node, _ in list(result.uses()):
+        merged = node.outputs[0]
+        if merged.shape is not None and list(merged.shape) == list(result.shape) and not merged.is_graph_output():
+            ir.convenience.replace_all_uses_with(merged, result)
 
 
 def _merged_output(attention: ir.Node) -> ir.Value | None:
