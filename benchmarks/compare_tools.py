@@ -26,7 +26,8 @@ TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
   Generator (benchmarks/genai_runner.py) with the same threads and max_length = prompt + new tokens;
 - --openvino-plugin-defaults (with --gptkiln): each quantized gptkiln OpenVINO engine once more with the config the
   "optimum-intel, f32 config" rows run with (f32 inference and cache, the CPU plugin's default run-time int8
-  activations, DYNAMIC_QUANTIZATION_GROUP_SIZE 32, which gptkiln's quantized builds turn off): same IR, same config;
+  activations, DYNAMIC_QUANTIZATION_GROUP_SIZE 32, which gptkiln's builds keep unless an engine fails its gates
+  with them): same IR, same config;
 - --genai-loop (with --gptkiln): each gptkiln onnxruntime engine once more, run by onnxruntime-genai's Generator
   from the genai_config.json gptkiln writes beside it: the same graph under genai's C++ loop, which tells the
   graph's cost from the Python loop's;

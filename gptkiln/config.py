@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -160,7 +160,8 @@ class RuntimeSettings:
     # explicit choice, held to the half-precision bars); None: the inference precision
     kv_cache_precision: str | None = None
     # OpenVINO's DYNAMIC_QUANTIZATION_GROUP_SIZE: the CPU quantizes the activations of layers with integer weights
-    # to int8 per group at run time; 0 turns that off (float activations); None: the CPU default (32)
+    # to int8 per group at run time; 0 turns that off (float activations); None: the CPU default (32), and a
+    # quantized engine that fails its gates with it is compiled again with 0 (Target.fallback)
     dynamic_quantization_group: int | None = None
 
 
@@ -193,10 +194,5 @@ class BuildConfig:
     cache: bool = True  # reuse stages from the stage cache (gptkiln.stage_cache)
 
     def runtime_for(self, target: str) -> RuntimeSettings:
-        """A target's runtime settings. Integer weights mean float activations (the fallback's int8 backup
-        included): OpenVINO's run-time int8 activations are off unless asked for. On SmolLM2 int4 they made a
-        batch row differ from itself alone (95.65% of tokens) and gained no measurable speed (`benchmarks/RESULTS.md`)."""
-        runtime = self.runtime_overrides.get(target, self.runtime)
-        if self.precision.quantized and runtime.dynamic_quantization_group is None:
-            runtime = replace(runtime, dynamic_quantization_group=0)
-        return runtime
+        """A target's runtime settings: its own overrides, else the build's."""
+        return self.runtime_overrides.get(target, self.runtime)

@@ -216,21 +216,34 @@ class _BuildState:
         `parameters`: the fp32 model's weights, for the engine's bits per weight."""
         def produce(directory: Path) -> dict:
             tolerances = target.tolerances(self.config.tolerances)
-            compiled, runner = target.compile_and_load(graph, directory, spec)
-            settings = {**compiled, "tolerances": asdict(tolerances)}
-            settings.update(_engine_size(directory, parameters))
-            _warn_short_fusions(self.progress, target.name, settings["fusion"])
-            for warning in settings.get("warnings", []):
-                self.progress.say(f"    warning: {target.name}: {warning}")
-            if not settings.get("compiled", True):
-                return TargetResult(target.name, settings, None, []).to_dict()
-            evaluation = self.evaluation if self.config.precision.quantized else None
-            report = run_parity(runner, self.reference, parity_prompts(self.loaded.tokenizer), self.config.parity)
-            accuracy = evaluation.measure(runner, self.progress) if evaluation else None
-            failures = _gate(self.config.precision, report, accuracy, tolerances,
-                             self.config.quant.budget_for(self.config.precision))
-            return TargetResult(target.name, settings, report, failures, accuracy).to_dict()
+            result = self._compile_and_gate(target, graph, directory, spec, parameters, tolerances)
+            fallback = target.fallback() if result.failures and self.config.precision.quantized else None
+            if fallback:  # a setting gptkiln chose failed: the safer one, in the same directory
+                safer, change = fallback
+                self.progress.say(f"    {target.name}: {result.failures[0]}; compiling again with {change}")
+                first_try = {"config": result.settings.get("config"), "failures": result.failures,
+                             "accuracy": result.accuracy.to_dict() if result.accuracy else None}
+                result = self._compile_and_gate(safer, graph, directory, spec, parameters, tolerances)
+                result.settings["first_try"] = first_try
+            return result.to_dict()
         return produce
+
+    def _compile_and_gate(self, target: Target, graph: Path, directory: Path, spec: DecoderSpec,
+                          parameters: int | None, tolerances: Tolerances) -> TargetResult:
+        compiled, runner = target.compile_and_load(graph, directory, spec)
+        settings = {**compiled, "tolerances": asdict(tolerances)}
+        settings.update(_engine_size(directory, parameters))
+        _warn_short_fusions(self.progress, target.name, settings["fusion"])
+        for warning in settings.get("warnings", []):
+            self.progress.say(f"    warning: {target.name}: {warning}")
+        if not settings.get("compiled", True):
+            return TargetResult(target.name, settings, None, [])
+        evaluation = self.evaluation if self.config.precision.quantized else None
+        report = run_parity(runner, self.reference, parity_prompts(self.loaded.tokenizer), self.config.parity)
+        accuracy = evaluation.measure(runner, self.progress) if evaluation else None
+        failures = _gate(self.config.precision, report, accuracy, tolerances,
+                         self.config.quant.budget_for(self.config.precision))
+        return TargetResult(target.name, settings, report, failures, accuracy)
 
 
 def _engine_size(directory: Path, parameters: int | None) -> dict:

@@ -41,13 +41,14 @@ class CalibrationSet:
 
 def read_texts(path: Path, jsonl_field: str = "text") -> list[str]:
     """A text file, a JSONL file (one object per line, `jsonl_field` holding the text) or a
-    directory of text files (read in name order, recursively; hidden and empty files skipped)."""
+    directory of text files (read in name order, recursively; hidden files, empty files and Python's bytecode
+    caches, __pycache__/, skipped)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CalibrationError(f"text data '{path}' does not exist", "give an existing text file, JSONL file or directory")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*")  # hidden below `path` only: it may itself sit under ~/.pyenv
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(p for p in path.rglob("*")  # below `path` only: it may itself sit under ~/.pyenv
+                       if p.is_file() and not any(_skipped(part) for part in p.relative_to(path).parts))
         if not files:
             raise CalibrationError(f"directory '{path}' holds no files", "put text files in it, or give a file")
         # an empty file in a tree of sources (a package's __init__.py) is no error; a tree of nothing is
@@ -61,6 +62,11 @@ def read_texts(path: Path, jsonl_field: str = "text") -> list[str]:
     if not text.strip():
         raise CalibrationError(f"'{path}' is empty", "give a file with text in it")
     return [text]
+
+
+def _skipped(part: str) -> bool:
+    """A hidden file or directory, or the bytecode cache Python writes beside every imported source tree."""
+    return part.startswith(".") or part == "__pycache__"
 
 
 def _read_utf8(path: Path) -> str:

@@ -2,11 +2,14 @@
 
     s = Add(a, b); y = LayerNormalization(s, gamma, beta)   ==>   y, _, _, s = SkipLayerNormalization(a, b, gamma, beta)
 
-The sum stays available (output 3) for the next residual connection.
+The sum stays available (output 3) for the next residual connection. The mean and inverse std (outputs 1
+and 2, a training's) are left unnamed in the saved graph by `unname_statistics`: ONNX Runtime allocates and
+writes every named output (measured: 10.3 -> 7.9 us a node at a SmolLM2 decode step).
 """
 
 from __future__ import annotations
 
+import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from gptkiln.graph.fusion import Fusion
@@ -62,3 +65,16 @@ def _expected(spec, opset: int) -> int | None:
 
 
 FUSION = Fusion("skip_layer_norm", "onnxruntime", _rules, _expected)
+
+
+def unname_statistics(model: ir.Model) -> int:
+    """Give the Skip*Normalization outputs nobody reads (mean, inverse std, an unused sum) empty names, as ONNX
+    leaves optional outputs out; the last step before saving (onnxscript's passes name every output again).
+    Returns how many."""
+    count = 0
+    for node in model.graph:
+        if node.op_type in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
+            for value in node.outputs[1:]:
+                if not value.uses() and not value.is_graph_output():
+                    value.name, count = "", count + 1
+    return count

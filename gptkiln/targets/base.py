@@ -63,6 +63,11 @@ class Target(ABC):
         """The parity bars this target's engine is held to (a reduced-precision runtime setting loosens them)."""
         return build
 
+    def fallback(self) -> tuple[Target, str] | None:
+        """Where a quantized engine fails its gates with a runtime setting gptkiln chose (not one asked for): this
+        target with the safer setting and what changed, to compile and gate once more; None: no other setting."""
+        return None
+
     def build_settings(self) -> dict:
         """The settings compile() and load() read: part of this target's stage-cache key."""
         return {"runtime": asdict(self.runtime)}

@@ -167,6 +167,7 @@ class OnnxRuntimeTarget(Target):
         from gptkiln.graph.lookup_tables import gather_block_quantized
         from gptkiln.graph.packed_linears import pack_linears
         from gptkiln.graph.rotary_attention import rotary_into_attention
+        from gptkiln.graph.skip_layer_norm import unname_statistics
 
         model = ir.load(onnx_path)
         fusion = optimize(model, spec, self.fusion_sets)
@@ -177,6 +178,7 @@ class OnnxRuntimeTarget(Target):
         packed = pack_linears(model)
         rows = -(-spec.max_positions // KV_BLOCK) * KV_BLOCK  # a rotary table row for every slot of the buffer
         rotary_reason = rotary_into_attention(model, spec, rows)
+        unname_statistics(model)
         out_dir.mkdir(parents=True, exist_ok=True)
         ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
         self.save_runtime_config(out_dir, {"intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache})

@@ -80,9 +80,12 @@ def test_too_few_tokens_names_the_numbers(tokenizer):
 
 
 def test_a_directory_below_a_hidden_one_is_read_and_its_own_hidden_files_skipped(tmp_path):
-    """e.g. the standard library's email/ of a pyenv Python (~/.pyenv/versions/.../email)."""
+    """e.g. the standard library's email/ of a pyenv Python (~/.pyenv/versions/.../email), with the bytecode
+    Python wrote beside it once anything imported it."""
     data = tmp_path / ".pyenv" / "lib" / "email"
     (data / ".cache").mkdir(parents=True)
+    (data / "__pycache__").mkdir()
+    (data / "__pycache__" / "parser.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\x00\x00\x00\x00")
     (data / "parser.py").write_text("def parse(): pass\n")
     (data / "__init__.py").write_text("")  # an empty file in a package is skipped, not an error
     (data / ".hidden.txt").write_text("skipped\n")

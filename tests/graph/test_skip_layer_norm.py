@@ -12,6 +12,17 @@ def test_every_residual_norm_fuses_and_keeps_the_sum(fresh_graph, reference_expo
     assert sum(1 for n in skips if n.outputs[3].uses()) == 2 * spec.num_layers
 
 
+def test_the_outputs_nobody_reads_are_left_out_of_the_file(fresh_graph, reference_export):
+    """ONNX Runtime computes every named output: the mean and inverse std, and the final norm's sum, go unnamed."""
+    model, spec = fresh_graph(), reference_export[1]
+    skip_layer_norm.FUSION.apply(model, spec)
+    assert skip_layer_norm.unname_statistics(model) == 2 * (2 * spec.num_layers + 1) + 1
+    protos = [n for n in ir.serde.serialize_model(model).graph.node if n.op_type == "SkipLayerNormalization"]
+    outputs = [list(n.output) + [""] * (4 - len(n.output)) for n in protos]  # trailing empty ones are left out
+    assert all(o[0] and o[1] == o[2] == "" for o in outputs)
+    assert sum(o[3] != "" for o in outputs) == 2 * spec.num_layers
+
+
 def test_a_norm_over_another_axis_is_not_fused(fresh_graph, reference_export):
     model, spec = fresh_graph(), reference_export[1]
     norm = next(n for n in model.graph if n.op_type == "LayerNormalization")
