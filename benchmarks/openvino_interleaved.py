@@ -19,16 +19,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
 
 from gptkiln.config import RuntimeSettings
 from gptkiln.models.spec import DecoderSpec
-from gptkiln.targets.openvino import IR_FILE, StatefulRunner, compile_config
+from gptkiln.targets.openvino import IR_FILE, compile_config, ir_runner
 
 PROMPT = 128
 
 
-def step_ms(runner: StatefulRunner, ids: np.ndarray, steps: int) -> float:
+def step_ms(runner, ids: np.ndarray, steps: int) -> float:
     batch = ids.shape[0]
     _, cache = runner.step(ids[:, :PROMPT], np.ones((batch, PROMPT), np.int64),
                            np.tile(np.arange(PROMPT), (batch, 1)), runner.empty_cache(batch))
@@ -56,8 +55,7 @@ def main() -> None:
         "optimum-intel, its config": (theirs, {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads}),
         "optimum-intel, f32 config": (theirs, compile_config(RuntimeSettings(threads=args.threads))),
     }
-    core = ov.Core()
-    runners = {name: StatefulRunner(spec, core.compile_model(xml, "CPU", config)) for name, (xml, config) in variants.items()}
+    runners = {name: ir_runner(Path(xml), spec, config) for name, (xml, config) in variants.items()}
     rng = np.random.default_rng(0)
     print("| batch | variant | ms per step, median | tok/s | rounds (ms) |\n| --- | --- | --- | --- | --- |")
     for batch in (1, 8):

@@ -77,14 +77,11 @@ def child(kind: str, path: str, model_dir: str, threads: int, new_tokens: int, r
         torch.set_num_threads(threads)
         runner, size = TorchRunner(AutoModelForCausalLM.from_pretrained(model_dir).eval(), spec), None
     else:
-        import openvino as ov
-
         from gptkiln.config import RuntimeSettings
-        from gptkiln.targets.openvino import StatefulRunner, compile_config
+        from gptkiln.targets.openvino import compile_config, ir_runner
 
         xml = Path(path)
-        compiled = ov.Core().compile_model(str(xml), "CPU", compile_config(RuntimeSettings(threads=threads)))
-        runner = StatefulRunner(spec, compiled)
+        runner = ir_runner(xml, spec, compile_config(RuntimeSettings(threads=threads)))
         size = xml.with_suffix(".bin").stat().st_size / 1e6
     numbers = measure(runner, spec.vocab_size, new_tokens, repeats)
     return {"ir_mb": size, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **numbers}

@@ -2,8 +2,9 @@
 
     export    model files (weights, config, tokenizer), opset, tool versions, gptkiln's source
     quantize  export key, precision, the quantization settings that precision uses, the
-              calibration and evaluation texts (their content), the accuracy budget, the host
-              CPU's kernel features (trials are scored on this host's kernels)
+              calibration and evaluation texts (their content), the accuracy budget, the engine
+              its trials are scored on (targets.trial_target: name, settings, runtime version),
+              the host CPU's kernel features (trials are scored on this host's kernels)
     half      the key of its input graph, precision
     target    the key of the graph it compiles, target name, the settings that target reads,
               its runtime's version, the parity settings and the gate it is held to, the host
@@ -25,6 +26,7 @@ from gptkiln.config import BuildConfig, Precision, QuantSettings
 from gptkiln.manifest import FORMAT, host_cpu, sha256_file, tool_versions
 from gptkiln.models.loading import model_source
 from gptkiln.stage_cache import stage_key
+from gptkiln.targets import trial_target
 from gptkiln.targets.base import Target
 
 
@@ -52,8 +54,10 @@ def plan_build(config: BuildConfig, targets: list[Target], texts: dict[str, list
     graph = export
     quantize = half = None
     if config.precision.quantized:
+        scorer = trial_target(targets)
         quantize = stage_key("quantize", export, config.precision.value, quant_settings(config.precision, config.quant),
-                             {name: texts_digest(t) for name, t in texts.items()}, features)
+                             {name: texts_digest(t) for name, t in texts.items()},
+                             [scorer.name, scorer.build_settings(), scorer.runtime_version()], features)
         graph = quantize
     if config.precision.half:
         half = graph = stage_key("half", graph, config.precision.value)

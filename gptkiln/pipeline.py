@@ -33,7 +33,7 @@ from gptkiln.output_dir import check_output, make_work_dir, publish
 from gptkiln.parity import ParityReport, consistency_gate, gate, parity_prompts, run_parity
 from gptkiln.progress import Progress
 from gptkiln.stage_cache import ENTRY, Entry, StageCache
-from gptkiln.targets import Target, get_target
+from gptkiln.targets import Target, get_target, trial_target
 
 STAGES_DIR = "_stages"  # inside the build directory: stages built without a cache; removed before publishing
 MODEL_FILES_DIR = "model-files"  # inside the export stage: tokenizer, chat template and configs every output gets
@@ -122,7 +122,8 @@ def build(config: BuildConfig, progress: Progress | None = None) -> BuildResult:
                              exported.record["export"], config.precision, plan=plan)
         graph = exported
         if config.precision.quantized:
-            graph = state.stage(f"quantize {config.precision.value}", "quantize", plan.quantize, state.quantize(graph))
+            graph = state.stage(f"quantize {config.precision.value}", "quantize", plan.quantize,
+                                state.quantize(graph, trial_target(targets)))
             result.quantization = graph.record
         if config.precision.half:
             graph = state.stage(f"convert to {config.precision.value}", "half", plan.half, state.to_half(graph))
@@ -191,15 +192,15 @@ class _BuildState:
                            "parameters": parameters},
                 "spec": self.loaded.spec.to_dict()}
 
-    def quantize(self, exported: Entry):
+    def quantize(self, exported: Entry, scorer: Target):
         def produce(directory: Path) -> dict:
             evaluation = self.evaluation
             quantized = quantize_stage(self.loaded, exported.path / MODEL_FILE, self.scratch / "quantize-work",
-                                       self.config, self.inputs, evaluation, self.progress)
+                                       self.config, self.inputs, evaluation, scorer, self.progress)
             for name in (MODEL_FILE, DATA_FILE):
                 shutil.move(quantized.path.parent / name, directory / name)
             shutil.rmtree(self.scratch / "quantize-work")
-            record = quantized.to_dict()
+            record = {**quantized.to_dict(), "scored_on": scorer.name}  # the engine the trials ran on
             record.pop("statistics_cached")  # how this run went, not what was built
             return record
         return produce

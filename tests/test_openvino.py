@@ -44,6 +44,25 @@ def test_stateful_ir_keeps_the_cache_as_state(openvino_build):
     assert "past_key_values.0.key" in {port.get_any_name() for port in stateless.inputs}
 
 
+@pytest.mark.parametrize("target", ["openvino", "openvino-stateless"])
+def test_last_only_is_the_last_row_of_every_position(openvino_build, target):
+    """gptkiln's runner adds `num_logits_to_keep` when it loads an IR (the file keeps openvino-genai's inputs, see
+    above): generation's prefill computes the last row of logits alone, and it is every position's last row."""
+    import numpy as np
+
+    from gptkiln.runtime.generate import left_pad
+
+    result, output = openvino_build
+    runner = get_target(target).load(output / target, result.spec)
+    assert runner.keeps_logits
+    batch = left_pad([list(range(3, 20)), list(range(7, 16))], 0)
+    every, _ = runner.step(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(2))
+    last, _ = runner.step(batch.input_ids, batch.attention_mask, batch.position_ids, runner.empty_cache(2),
+                          last_only=True)
+    assert every.shape[1] == 17 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=0, atol=1e-5 * np.abs(every).max())
+
+
 def test_a_stale_cache_handle_is_refused(openvino_build):
     import numpy as np
 
@@ -145,19 +164,18 @@ def test_a_reduced_kv_cache_is_applied_recorded_and_refused_where_it_cannot_appl
     import json
 
     import numpy as np
-    import openvino as ov
 
     from gptkiln.bench.run import load_target
     from gptkiln.cli import main
     from gptkiln.config import Tolerances
-    from gptkiln.targets.openvino import StatefulRunner, compile_config
+    from gptkiln.targets.openvino import compile_config, ir_runner
 
     result, output = openvino_build
     ids = np.arange(1, 17, dtype=np.int64)[None]
     logits = {}
     for kv in ("f32", "f16"):
         config = compile_config(RuntimeSettings(threads=1, kv_cache_precision=kv))
-        runner = StatefulRunner(result.spec, ov.Core().compile_model(str(output / "openvino" / "openvino_model.xml"), "CPU", config))
+        runner = ir_runner(output / "openvino" / "openvino_model.xml", result.spec, config)
         step, cache = runner.step(ids, np.ones_like(ids), np.arange(16, dtype=np.int64)[None], runner.empty_cache(1))
         steps = [step]
         for s in range(8):  # decode steps read the cache back

@@ -85,3 +85,26 @@ def test_another_cpu_rebuilds_what_was_gated_on_this_one(monkeypatch, tmp_path):
     there = build_plan.plan_build(config, [get_target("onnxruntime")], texts)
     assert here.export == there.export
     assert here.quantize != there.quantize and here.targets != there.targets and here.key != there.key
+
+
+def test_the_quantized_graph_is_keyed_by_the_engine_its_trials_are_scored_on(tmp_path):
+    """Trials are scored on ONNX Runtime's engine where the build names it (no safer setting to fall back to), else
+    on the first requested engine that compiles in seconds (OpenVINO, as it is set up), else on ONNX Runtime: the
+    quantized graph is keyed by that engine and its settings."""
+    from gptkiln import build_plan
+    from gptkiln.config import BuildConfig, Precision, RuntimeSettings
+    from gptkiln.targets import get_target, trial_target
+
+    config = BuildConfig(model="reference", output=tmp_path / "out", precision=Precision.INT8)
+    texts = {"calibration": None, "eval_text": ["def f():\n    return 1\n"]}
+
+    def key(*targets):
+        return build_plan.plan_build(config, list(targets), texts).quantize
+
+    onnxruntime, openvino, tensorrt = get_target("onnxruntime"), get_target("openvino"), get_target("tensorrt")
+    float_activations = get_target("openvino", RuntimeSettings(dynamic_quantization_group=0))
+    assert trial_target([openvino, onnxruntime]) is onnxruntime and trial_target([tensorrt, openvino]) is openvino
+    assert trial_target([openvino, float_activations]) is float_activations  # explicit: no fallback
+    assert trial_target([tensorrt]).name == "onnxruntime"
+    assert key(onnxruntime) == key(tensorrt) == key(openvino, onnxruntime)
+    assert len({key(onnxruntime), key(openvino), key(float_activations)}) == 3

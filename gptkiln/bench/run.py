@@ -81,15 +81,13 @@ def load_onnx_file(path: str, spec: dict, threads: int):
 def load_openvino_ir(path: str, spec: dict, threads: int, parity_config: bool):
     """Another tool's stateful IR (optimum-intel's has gptkiln's inputs and beam_idx), with the config that
     tool's users get (the IR's rt_info and the plugin's defaults) or with gptkiln's parity config."""
-    import openvino as ov
-
     from gptkiln.config import RuntimeSettings
-    from gptkiln.targets.openvino import StatefulRunner, compile_config, kv_element_bytes
+    from gptkiln.targets.openvino import compile_config, ir_runner, kv_element_bytes
 
     config = (compile_config(RuntimeSettings(threads=threads)) if parity_config
               else {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
-    compiled = ov.Core().compile_model(path, "CPU", config)
-    return StatefulRunner(DecoderSpec.from_dict(spec), compiled), {"kv_element_bytes": kv_element_bytes(compiled)}
+    runner = ir_runner(Path(path), DecoderSpec.from_dict(spec), config)  # last-position logits, as gptkiln's get
+    return runner, {"kv_element_bytes": kv_element_bytes(runner.compiled)}
 
 
 def engine_weight_bytes(directory: Path) -> int:

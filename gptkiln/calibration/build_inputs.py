@@ -19,7 +19,7 @@ from gptkiln.progress import Progress
 
 if TYPE_CHECKING:
     from gptkiln.models.spec import DecoderSpec
-    from gptkiln.targets.base import Runner
+    from gptkiln.targets.base import Runner, Target
 
 
 def needs_calibration(precision: Precision, quant: QuantSettings) -> bool:
@@ -60,20 +60,19 @@ def read_quant_inputs(config: BuildConfig) -> QuantInputs | None:
 
 
 @contextmanager
-def trial_engine(path: Path, spec: DecoderSpec) -> Iterator[Runner]:
-    """A trial graph compiled as the onnxruntime target compiles its engine, loaded: the fallback stops at the
-    first count that meets the budget, so a trial scored on any other form (the unfused graph, whose attention
-    and table kernels round differently) hands on a graph the engine's gate can refuse; SmolLM2's int4 scored
-    +4.98% as a graph and +5.01% as the engine on an AVX2 host. The engine lives while it is used."""
-    from gptkiln.targets.onnxruntime import OnnxRuntimeTarget
-
+def trial_engine(path: Path, spec: DecoderSpec, target: Target) -> Iterator[Runner]:
+    """A trial graph compiled as `target` compiles its engine, loaded: the fallback stops at the first count that
+    meets the budget, so a trial scored on any other form (the unfused graph, whose attention and table kernels
+    round differently; another runtime) hands on a graph the engine's gate can refuse; SmolLM2's int4 scored
+    +4.98% as a graph and +5.01% as the ONNX Runtime engine on an AVX2 host. The engine lives while it is used."""
     with tempfile.TemporaryDirectory(dir=path.parent) as directory:
-        yield OnnxRuntimeTarget().compile_and_load(path, Path(directory), spec)[1]
+        yield target.compile_and_load(path, Path(directory), spec)[1]
 
 
 def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config: BuildConfig, inputs: QuantInputs,
-              evaluation: Evaluation, progress: Progress):
-    """The exported graph, prepared and quantized; the targets' fusions run on the result."""
+                   evaluation: Evaluation, scorer: Target, progress: Progress):
+    """The exported graph, prepared and quantized; the targets' fusions run on the result. Trials and the
+    fallback's ranking run on `scorer`'s engine (targets.trial_target)."""
     from gptkiln.calibration.data import calibration_set
     from gptkiln.calibration.quantize import prepare, quantize
 
@@ -84,8 +83,8 @@ def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config:
     if inputs.calibration is not None:
         calibration = calibration_set(inputs.calibration, loaded.tokenizer, quant.calibration, str(quant.calibration.path))
 
-    def evaluate(path: Path) -> AccuracyReport:  # trials run on the ONNX Runtime engine; every target is gated itself
-        with trial_engine(path, loaded.spec) as runner:
+    def evaluate(path: Path) -> AccuracyReport:
+        with trial_engine(path, loaded.spec, scorer) as runner:
             return evaluation.measure(runner, progress)
 
     probe = None
@@ -93,7 +92,7 @@ def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config:
     def diverge(path: Path) -> float:  # the fallback's ranking, on the evaluation's first windows
         nonlocal probe
         probe = probe or Probe.prepare(loaded, evaluation.windows)
-        with trial_engine(path, loaded.spec) as runner:
+        with trial_engine(path, loaded.spec, scorer) as runner:
             return probe.divergence(runner)
 
     return quantize(prepared, directory, config.precision, quant, loaded.spec, calibration, evaluate,

@@ -49,6 +49,7 @@ class Target(ABC):
     fusion_sets: tuple[str, ...]  # which gptkiln.graph fusion sets this runtime can run
     precisions: tuple[Precision, ...] = (Precision.FP32,)  # the graphs it can compile and run
     runtime_module: str  # the Python module of its runtime, e.g. "onnxruntime"
+    scores_trials = False  # its engine compiles in seconds here: a quantized build's trials can be scored on it
 
     def __init__(self, runtime: RuntimeSettings | None = None, engine: EngineSettings | None = None):
         self.runtime = runtime or RuntimeSettings()

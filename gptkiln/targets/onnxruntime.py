@@ -144,6 +144,7 @@ class OnnxRuntimeTarget(Target):
     precisions = (Precision.FP32, Precision.W8A8, Precision.INT8_DYNAMIC, Precision.INT8, Precision.INT4,
                   Precision.FP16)
     runtime_module = "onnxruntime"
+    scores_trials = True
 
     def build_settings(self) -> dict:
         return {"threads": self.runtime.threads}  # ORT has no performance hint

@@ -129,6 +129,40 @@ def store_half_constants(model, names: set[str]) -> int:
     return stored
 
 
+def keep_last_logits(model) -> bool:
+    """In a model read for gptkiln's runner: a `num_logits_to_keep` input (int64 [1]; 0 every position, 1 the last)
+    slicing the hidden states in front of the LM head, as the ONNX Runtime engine's graph has it
+    (gptkiln.graph.last_logits). Generation needs one row of logits a step; every position of a SmolLM2 prefill's
+    49,152-wide logits is 7 GFLOP and 25 MB a row of batch. The IR on disk keeps the contract: openvino-genai
+    slices in front of the LM head itself. False (the model unchanged) where the logits are not a MatMul's."""
+    import openvino as ov
+    import openvino.opset13 as opset
+
+    logits = next((r for r in model.get_results() if "logits" in r.input_value(0).get_names()), None)
+    head = logits.input_value(0).get_node() if logits is not None else None
+    while head is not None and _per_element(head):  # casts, soft-capping
+        head = head.input_value(0).get_node()
+    if head is None or head.get_type_name() != "MatMul" or head.get_input_partial_shape(0).rank.get_length() != 3:
+        return False
+    reader, hidden = head, head.input_value(0)
+    while hidden.get_node().get_type_name() in ("Convert", "FakeQuantize") and len(hidden.get_target_inputs()) == 1:
+        reader, hidden = hidden.get_node(), hidden.get_node().input_value(0)  # a W8A8 head's activation quantizer
+    keep = opset.parameter([1], ov.Type.i64, name=io_spec.LOGITS_TO_KEEP)
+    keep.output(0).get_tensor().set_names({io_spec.LOGITS_TO_KEEP})
+    kept = opset.slice(hidden, opset.negative(keep), np.array([np.iinfo(np.int64).max]), np.array([1]), np.array([1]))
+    reader.input(0).replace_source_output(kept.output(0))
+    model.add_parameters([keep])
+    model.validate_nodes_and_infer_types()
+    return True
+
+
+def _per_element(node) -> bool:
+    """A Convert or Tanh, or a Multiply/Divide of its first input by a constant (Gemma 2's soft-capping)."""
+    kind = node.get_type_name()
+    return kind in ("Convert", "Tanh") or (kind in ("Multiply", "Divide") and
+                                          node.input_value(1).get_node().get_type_name() == "Constant")
+
+
 @dataclass(frozen=True)
 class StateHandle:
     """The cache of a stateful request: valid only until the next step."""
@@ -137,10 +171,33 @@ class StateHandle:
     batch: int
 
 
-class StatefulRunner(Runner):
-    def __init__(self, spec: DecoderSpec, compiled):
+def ir_runner(path: Path, spec: DecoderSpec, config: dict, stateful: bool = True) -> OpenVinoRunner:
+    """An IR (gptkiln's or another tool's with the same inputs) compiled for the CPU with `config`, its last-position
+    logits added (keep_last_logits), behind the Runner contract."""
+    core = _import_openvino().Core()
+    model = core.read_model(str(path))
+    keeps_logits = keep_last_logits(model)
+    compiled = core.compile_model(model, "CPU", config)
+    return (StatefulRunner if stateful else StatelessRunner)(spec, compiled, keeps_logits)
+
+
+class OpenVinoRunner(Runner):
+    def __init__(self, spec: DecoderSpec, compiled, keeps_logits: bool):
         super().__init__(spec)
+        self.compiled = compiled
         self.request = compiled.create_infer_request()
+        self.keeps_logits = keeps_logits  # keep_last_logits
+
+    def feeds(self, input_ids, attention_mask, position_ids, last_only: bool) -> dict:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.keeps_logits:
+            feeds[io_spec.LOGITS_TO_KEEP] = np.array([1 if last_only else 0], np.int64)
+        return feeds
+
+
+class StatefulRunner(OpenVinoRunner):
+    def __init__(self, spec: DecoderSpec, compiled, keeps_logits: bool):
+        super().__init__(spec, compiled, keeps_logits)
         self.generation = 0
         # state names are input + output name, e.g. "past_key_values.3.keypresent.3.key"
         order = {name: i for i, name in enumerate(io_spec.past_names(spec.num_layers))}
@@ -154,8 +211,7 @@ class StatefulRunner(Runner):
     def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
         if not isinstance(cache, StateHandle) or cache.generation != self.generation:
             raise RuntimeError("a stateful OpenVINO runner continues only from the cache its last step returned")
-        out = self.request.infer({"input_ids": input_ids, "attention_mask": attention_mask,
-                                  "position_ids": position_ids,
+        out = self.request.infer({**self.feeds(input_ids, attention_mask, position_ids, last_only),
                                   BEAM_INPUT: np.arange(cache.batch, dtype=np.int32)})
         self.generation += 1
         return out["logits"].copy(), StateHandle(self.generation, cache.batch)
@@ -168,15 +224,14 @@ class StatefulRunner(Runner):
         return [states[name] for name in self.state_order]
 
 
-class StatelessRunner(Runner):
-    def __init__(self, spec: DecoderSpec, compiled):
-        super().__init__(spec)
-        self.request = compiled.create_infer_request()
+class StatelessRunner(OpenVinoRunner):
+    def __init__(self, spec: DecoderSpec, compiled, keeps_logits: bool):
+        super().__init__(spec, compiled, keeps_logits)
         self.past_names = io_spec.past_names(spec.num_layers)
         self.present_names = io_spec.present_names(spec.num_layers)
 
     def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = self.feeds(input_ids, attention_mask, position_ids, last_only)
         feeds.update(zip(self.past_names, cache))
         out = self.request.infer(feeds)
         return out["logits"].copy(), [out[name].copy() for name in self.present_names]
@@ -191,6 +246,7 @@ class OpenVinoTarget(Target):
     # w8a8 and int4 stay int8/int4 inside OpenVINO
     precisions = (Precision.FP32, Precision.W8A8, Precision.INT8, Precision.INT4)
     runtime_module = "openvino"
+    scores_trials = True
     stateful = True
 
     def check_available(self) -> None:
@@ -214,7 +270,8 @@ class OpenVinoTarget(Target):
     def fallback(self) -> tuple[Target, str] | None:
         """The CPU's run-time int8 activations (the default) -> float ones: on a VNNI/AMX CPU the int8 ones decode
         SmolLM2 int4 1.3x faster at batch 1 and 1.5x at batch 8, and round differently from ONNX Runtime's (the
-        engine the quantize stage scored), so a build at the edge of its budget may pass on one and not the other."""
+        engine the quantize stage scores where the build names it: targets.trial_target), so a build at the edge of
+        its budget may pass on one and not the other."""
         if self.runtime.dynamic_quantization_group is not None:
             return None
         return (type(self)(replace(self.runtime, dynamic_quantization_group=0), self.engine),
@@ -269,17 +326,15 @@ class OpenVinoTarget(Target):
                                           {"openvino_genai": TOKENIZER_IR})}
 
     def load(self, out_dir: Path, spec: DecoderSpec, threads: int | None = None) -> Runner:
-        ov = _import_openvino()
+        _import_openvino()  # absent: TargetUnavailableError, not a damaged IR
         try:
-            core = ov.Core()
             config = self.read_runtime_config(out_dir, compile_config())
             if threads is not None:
                 config = {**config, "INFERENCE_NUM_THREADS": threads}
-            compiled = core.compile_model(core.read_model(str(out_dir / IR_FILE)), "CPU", config)
+            return ir_runner(out_dir / IR_FILE, spec, config, self.stateful)
         except Exception as exc:  # truncated or edited IR: OpenVINO raises RuntimeError with a long trace
             raise ArtifactError(f"OpenVINO cannot load '{out_dir / IR_FILE}': {str(exc).strip().splitlines()[0][:300]}",
                                 "the IR files are damaged or from another version: export again") from None
-        return StatefulRunner(spec, compiled) if self.stateful else StatelessRunner(spec, compiled)
 
 
 class OpenVinoStatelessTarget(OpenVinoTarget):

@@ -57,6 +57,8 @@ def test_w8a8_with_smoothquant_passes_on_every_cpu_target(w8a8_build):
         accuracy = target["accuracy"]
         assert target["passed"] and accuracy["ppl_increase_pct"] <= 1.5 and accuracy["top1_agreement"] >= 0.95, name
         assert accuracy["tokens"] == 8192
+    assert quantization["scored_on"] == "onnxruntime"  # named beside OpenVINO, whose gate has a fallback
+    assert quantization["accuracy"] == manifest["targets"]["onnxruntime"]["accuracy"]
     graph = onnx.load(str(output / "onnxruntime" / "model.onnx"), load_external_data=False)
     ops = {node.op_type for node in graph.graph.node}
     assert {"QuantizeLinear", "GroupQueryAttention", "SkipLayerNormalization"} <= ops
@@ -231,6 +233,8 @@ def test_weight_only_int8_on_openvino_passes_with_the_cpus_int8_activations(tmp_
     assert openvino["settings"]["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 32
     assert "first_try" not in openvino["settings"]
     assert abs(openvino["accuracy"]["ppl_increase_pct"]) <= 0.5
+    assert quantization["scored_on"] == "openvino"  # the only target: the trials ran on its engine, as gated
+    assert openvino["accuracy"] == quantization["accuracy"]
     ir = ov.Core().read_model(str(output / "openvino" / "openvino_model.xml"))
     int8 = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_output_element_type(0) == ov.Type.i8]
     assert len(int8) >= 17
