@@ -217,15 +217,17 @@ class _BuildState:
         `parameters`: the fp32 model's weights, for the engine's bits per weight."""
         def produce(directory: Path) -> dict:
             tolerances = target.tolerances(self.config.tolerances)
-            result = self._compile_and_gate(target, graph, directory, spec, parameters, tolerances)
-            fallback = target.fallback() if result.failures and self.config.precision.quantized else None
-            if fallback:  # a setting gptkiln chose failed: the safer one, in the same directory
-                safer, change = fallback
+            trying = target
+            result = self._compile_and_gate(trying, graph, directory, spec, parameters, tolerances)
+            earlier = []  # a setting gptkiln chose failed: the next safer one, in the same directory
+            while result.failures and self.config.precision.quantized and (fallback := trying.fallback()):
+                trying, change = fallback
                 self.progress.say(f"    {target.name}: {result.failures[0]}; compiling again with {change}")
-                first_try = {"config": result.settings.get("config"), "failures": result.failures,
-                             "accuracy": result.accuracy.to_dict() if result.accuracy else None}
-                result = self._compile_and_gate(safer, graph, directory, spec, parameters, tolerances)
-                result.settings["first_try"] = first_try
+                earlier.append({"config": result.settings.get("config"), "failures": result.failures,
+                                "accuracy": result.accuracy.to_dict() if result.accuracy else None})
+                result = self._compile_and_gate(trying, graph, directory, spec, parameters, tolerances)
+            if earlier:
+                result.settings["earlier_tries"] = earlier
             return result.to_dict()
         return produce
 

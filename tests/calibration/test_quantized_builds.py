@@ -231,7 +231,7 @@ def test_weight_only_int8_on_openvino_passes_with_the_cpus_int8_activations(tmp_
     assert manifest["budget"]["max_ppl_increase_pct"] == 0.5
     openvino = manifest["targets"]["openvino"]
     assert openvino["settings"]["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 32
-    assert "first_try" not in openvino["settings"]
+    assert "earlier_tries" not in openvino["settings"]
     assert abs(openvino["accuracy"]["ppl_increase_pct"]) <= 0.5
     assert quantization["scored_on"] == "openvino"  # the only target: the trials ran on its engine, as gated
     assert openvino["accuracy"] == quantization["accuracy"]
@@ -242,11 +242,11 @@ def test_weight_only_int8_on_openvino_passes_with_the_cpus_int8_activations(tmp_
     assert len(half) == openvino["settings"]["half_constants"] >= 17  # the scales (+ wpe's), as the ONNX graph has them
 
 
-def test_openvino_falls_back_to_float_activations_where_int8_ones_fail_the_gate(tmp_path):
-    """Unless asked for a group, OpenVINO's engine is compiled with the CPU's run-time int8 activations first; where
-    it fails its gates it is compiled again with float ones (DYNAMIC_QUANTIZATION_GROUP_SIZE 0), and the manifest
-    says what the first try measured. A budget no engine meets makes both tries fail here. An explicit group is
-    held to: no second try."""
+def test_openvino_falls_back_to_finer_then_float_activations_where_int8_ones_fail_the_gate(tmp_path):
+    """Unless asked for a group, OpenVINO's engine is compiled with the CPU's run-time int8 activations per 32 first;
+    where it fails its gates it is compiled again per 16, then with float ones (DYNAMIC_QUANTIZATION_GROUP_SIZE 0),
+    and the manifest says what each earlier try measured. A budget no engine meets makes every try fail here. An
+    explicit group is held to: no second try."""
     from gptkiln.options import export_config
 
     def runtime(**values):
@@ -260,13 +260,14 @@ def test_openvino_falls_back_to_float_activations_where_int8_ones_fail_the_gate(
     with pytest.raises(ParityError) as failed:
         build(config)
     settings = failed.value.details["targets"]["openvino"]["settings"]
-    first = settings["first_try"]
-    assert first["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 32 and settings["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
-    assert "accuracy: perplexity" in first["failures"][0] and first["accuracy"]["ppl_increase_pct"] > 1e-9
+    earlier = settings["earlier_tries"]
+    assert [t["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] for t in earlier] == [32, 16]
+    assert settings["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
+    assert all("accuracy: perplexity" in t["failures"][0] and t["accuracy"]["ppl_increase_pct"] > 1e-9 for t in earlier)
     asked = replace(config, output=tmp_path / "asked", runtime=replace(config.runtime, dynamic_quantization_group=32))
     with pytest.raises(ParityError) as failed:
         build(asked)
-    assert "first_try" not in failed.value.details["targets"]["openvino"]["settings"]
+    assert "earlier_tries" not in failed.value.details["targets"]["openvino"]["settings"]
 
 
 def test_int4_fallback_keeps_the_most_sensitive_roles_in_int8(tmp_path):
