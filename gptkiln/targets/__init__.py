@@ -24,7 +24,7 @@ def trial_target(targets: list[Target]) -> Target:
     """The engine a quantized build's trials are scored on, with the settings it is built with: of the requested
     targets whose engines compile in seconds here, the first with no safer setting to fall back to (ONNX Runtime;
     OpenVINO with an explicit activation setting), else the first (OpenVINO: its engine with int8 activations is
-    scored, and its gate keeps float ones as the fallback), else ONNX Runtime (TensorRT alone). The fallback stops at
+    scored, and its gate keeps finer then float ones as fallbacks), else ONNX Runtime (TensorRT alone). The fallback stops at
     the first trial that meets the budget, so the scoring engine passes its gate as scored; another engine measures
     the graph a little differently (SmolLM2 int4, six trials: ±0.15 points either way) and is gated on its own."""
     scoring = [target for target in targets if target.scores_trials]
