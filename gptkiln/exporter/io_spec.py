@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from gptkiln.models.spec import DecoderSpec
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # weights always go to external data: one layout for every size
 # Symbolic dimension names written into the ONNX graph.
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "past_sequence+sequence"
-# The ONNX Runtime engine's one input beyond the contract (gptkiln.graph.last_logits): int64 [1], 0 = every position
+# The ONNX Runtime engine's one input beyond the contract (gptkiln.graph.last_logits; OpenVINO's runner adds it at
+# load): int64 [1], 0 = every position
 LOGITS_TO_KEEP = "num_logits_to_keep"  # the name onnxruntime-genai and optimum feed (0)
+KEEP_LAST, KEEP_EVERY = np.array([1], np.int64), np.array([0], np.int64)  # its two values
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 from gptkiln.config import Precision
 from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
-from gptkiln.exporter.io_spec import DATA_FILE, LOGITS_TO_KEEP, MODEL_FILE
+from gptkiln.exporter.io_spec import DATA_FILE, KEEP_EVERY, KEEP_LAST, LOGITS_TO_KEEP, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
 from gptkiln.targets.base import Runner, Target
 
@@ -18,7 +18,6 @@ from gptkiln.targets.base import Runner, Target
 # to the host's CPU/GPU, so it is never saved; the portable graph is what we ship.
 OPTIMIZATION_LEVEL = "ORT_ENABLE_ALL"
 KV_BLOCK = 64  # the in-place cache grows by this many positions at a time
-LAST, EVERY = np.array([1], np.int64), np.array([0], np.int64)  # num_logits_to_keep
 
 
 def providers() -> list[str]:
@@ -60,7 +59,7 @@ class OnnxRuntimeRunner(Runner):
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         feeds.update(zip(self.past_names, cache))
         if self.keeps_logits:
-            feeds[LOGITS_TO_KEEP] = LAST if last_only else EVERY
+            feeds[LOGITS_TO_KEEP] = KEEP_LAST if last_only else KEEP_EVERY
         logits, *present = self.session.run(None, feeds)
         return logits, present
 
@@ -111,7 +110,7 @@ class InPlaceRunner(OnnxRuntimeRunner):
                             ("position_ids", position_ids)):
             binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         if self.keeps_logits:
-            binding.bind_cpu_input(LOGITS_TO_KEEP, LAST if last_only else EVERY)
+            binding.bind_cpu_input(LOGITS_TO_KEEP, KEEP_LAST if last_only else KEEP_EVERY)
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy(), replace(cache, length=total)
 

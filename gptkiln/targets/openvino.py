@@ -143,8 +143,8 @@ def keep_last_logits(model) -> bool:
     head = logits.input_value(0).get_node() if logits is not None else None
     while head is not None and _per_element(head):  # casts, soft-capping
         head = head.input_value(0).get_node()
-    if head is None or head.get_type_name() != "MatMul" or head.get_input_partial_shape(0).rank.get_length() != 3:
-        return False
+    if head is None or head.get_type_name() != "MatMul" or head.get_input_partial_shape(0).rank != 3:
+        return False  # a dynamic rank is not 3 either
     reader, hidden = head, head.input_value(0)
     while hidden.get_node().get_type_name() in ("Convert", "FakeQuantize") and len(hidden.get_target_inputs()) == 1:
         reader, hidden = hidden.get_node(), hidden.get_node().input_value(0)  # a W8A8 head's activation quantizer
@@ -192,7 +192,7 @@ class OpenVinoRunner(Runner):
     def feeds(self, input_ids, attention_mask, position_ids, last_only: bool) -> dict:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.keeps_logits:
-            feeds[io_spec.LOGITS_TO_KEEP] = np.array([1 if last_only else 0], np.int64)
+            feeds[io_spec.LOGITS_TO_KEEP] = io_spec.KEEP_LAST if last_only else io_spec.KEEP_EVERY
         return feeds
 
 
