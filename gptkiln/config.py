@@ -161,7 +161,7 @@ class RuntimeSettings:
     kv_cache_precision: str | None = None
     # OpenVINO's DYNAMIC_QUANTIZATION_GROUP_SIZE: the CPU quantizes the activations of layers with integer weights
     # to int8 per group at run time; 0 turns that off (float activations); None: the CPU default (32), and a
-    # quantized engine that fails its gates with it is compiled again with 0 (Target.fallback)
+    # quantized engine that fails its gates with it is compiled again with 16, then 0 (OpenVinoTarget.fallback)
     dynamic_quantization_group: int | None = None
 
 
