@@ -91,6 +91,8 @@ def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
     if precision is Precision.INT8:
         settings.update(block_size=quant.int8_block_size)
     calibrated_int4 = precision is Precision.INT4 and quant.int4_method.calibrated
+    if calibrated_int4:
+        settings.update(tune_epochs=quant.int4_tune_epochs)
     if precision is Precision.W8A8 or calibrated_dynamic or calibrated_int4:
         settings["calibration"] = asdict(quant.calibration)
     return settings

@@ -127,6 +127,9 @@ class QuantSettings:
     # the down projection and a tied lm_head (WeightFormat.for_layer); SmolLM2, every layer int4: +10.72% at 4.29 bits
     # per weight with blocks of 128/64 -> +7.01% at 4.45 (benchmarks/RESULTS.md, session 35)
     int4_fine_block_size: int = 32
+    # calibrated int4: epochs of end-to-end tuning of the scales and norms (calibration.scale_tuning); 0: none.
+    # SmolLM2, every layer int4, in PyTorch: +6.78% -> +4.84% after 2 epochs of 64 windows, +4.04% after 4
+    int4_tune_epochs: int = 4
     int8_block_size: int = 32  # weight-only int8, symmetric, round to nearest (llama.cpp's Q8_0 layout)
     fallback: bool = True  # keep the most sensitive layer groups at a backup precision until the budget holds
     eval_text: Path | None = None  # default: the reference model's held-out text

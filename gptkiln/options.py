@@ -131,6 +131,9 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
                        help="input rows per int4 scale, at most, where rounding costs most: a layer reading an input "
                             "wider than the hidden size (the MLP's down projection) and a tied lm_head "
                             "(default %(default)s; --int4-block-size's value turns it off)")
+    group.add_argument("--int4-tune-epochs", type=int, default=defaults.int4_tune_epochs,
+                       help="epochs over the calibration windows that train the int4 scales and norms end to end "
+                            "against the fp32 model (gptq and awq-gptq; 0 turns it off; default %(default)s)")
     group.add_argument("--int8-block-size", type=int, default=defaults.int8_block_size,
                        help="input rows per scale of weight-only int8 (symmetric; default %(default)s)")
     group.add_argument("--eval-text", type=Path, help="held-out text for the accuracy gate "
@@ -188,6 +191,8 @@ def _quant_settings(args) -> QuantSettings:
                          ("--int8-block-size", args.int8_block_size)):
         if size < 16 or size & (size - 1):
             raise UsageError(f"{option} must be a power of two >= 16, got {size}", "use 32, 64 or 128")
+    if args.int4_tune_epochs < 0:
+        raise UsageError(f"--int4-tune-epochs must be >= 0, got {args.int4_tune_epochs}", "give 0 to turn tuning off")
     if not 0 < args.percentile <= 100:
         raise UsageError(f"--percentile must be in (0, 100], got {args.percentile}", "fix the value")
     budget = None
@@ -204,6 +209,7 @@ def _quant_settings(args) -> QuantSettings:
                          float_channels=not args.no_float_channels,
                          int4_method=Int4Method(args.int4_method), int4_block_size=args.int4_block_size,
                          int4_symmetric=args.int4_symmetric, int4_fine_block_size=args.int4_fine_block_size,
+                         int4_tune_epochs=args.int4_tune_epochs,
                          int8_block_size=args.int8_block_size,
                          fallback=not args.no_fallback,
                          eval_text=args.eval_text, eval_tokens=args.eval_tokens, budget=budget)

@@ -75,6 +75,7 @@ def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config:
     fallback's ranking run on `scorer`'s engine (targets.trial_target)."""
     from gptkiln.calibration.data import calibration_set
     from gptkiln.calibration.quantize import prepare, quantize
+    from gptkiln.calibration.scale_tuning import Tuned, tune_scales
 
     prepared = directory / "prepared" / MODEL_FILE
     prepare(exported, prepared, loaded.spec)
@@ -95,5 +96,9 @@ def quantize_stage(loaded: LoadedModel, exported: Path, directory: Path, config:
         with trial_engine(path, loaded.spec, scorer) as runner:
             return probe.divergence(runner)
 
+    def tune(path: Path, layers: set[str]) -> Tuned:  # int4's scales, trained against the fp32 module
+        return tune_scales(loaded.model, path, layers, calibration.windows, quant.int4_tune_epochs, loaded.spec,
+                           progress, quant.calibration.seed)
+
     return quantize(prepared, directory, config.precision, quant, loaded.spec, calibration, evaluate,
-                    quant.budget_for(config.precision), progress, diverge)
+                    quant.budget_for(config.precision), progress, diverge, tune)

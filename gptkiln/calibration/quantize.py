@@ -38,6 +38,7 @@ from gptkiln.calibration.data import CalibrationSet
 from gptkiln.calibration.layers import linear_bits, linear_layers, weight_bits
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
 from gptkiln.calibration.qdq import activation_threshold, quantize_dynamic, quantize_w8a8
+from gptkiln.calibration.scale_tuning import Tuned
 from gptkiln.calibration.smoothquant import Smoothed, float_channels, smooth
 from gptkiln.calibration.statistics import collect
 from gptkiln.calibration.weight_only import MIN_OPSET, WeightFormat, dequantize, quantize_weights
@@ -50,6 +51,7 @@ from gptkiln.progress import QUIET, Progress
 
 Evaluator = Callable[[Path], AccuracyReport]
 Divergence = Callable[[Path], float]  # a graph -> its Probe divergence from fp32
+Tuner = Callable[[Path, set[str]], Tuned]  # a weight-only graph, the layers whose scales to tune -> what was tuned
 TABLES = "lookup tables"  # the fallback's group of an int4 build's 4-bit embeddings
 TABLE_BITS = 8  # the tables of every other quantized build, and int4's backup
 
@@ -58,9 +60,10 @@ TABLE_BITS = 8  # the tables of every other quantized build, and int4's backup
 class Trial:
     kept: list[str]  # groups at the backup precision
     accuracy: AccuracyReport
+    tuned: bool = False  # the int4 scales tuned end to end (calibration.scale_tuning)
 
     def to_dict(self) -> dict:
-        return {"kept": self.kept, "accuracy": self.accuracy.to_dict()}
+        return {"kept": self.kept, "accuracy": self.accuracy.to_dict(), "tuned": self.tuned}
 
 
 @dataclass
@@ -100,6 +103,7 @@ class QuantResult:
     lookup_tables: dict[str, int] = field(default_factory=dict)  # embeddings only Gather reads -> their bits
     # a layer-wise fallback's kept layers -> the output error int8 removes from each (_int8_gains)
     output_error: dict[str, float] = field(default_factory=dict)
+    tuning: dict | None = None  # int4: the scales' end-to-end tuning (calibration.scale_tuning), or why it was skipped
 
     @property
     def accuracy(self) -> AccuracyReport:
@@ -114,7 +118,7 @@ class QuantResult:
                 "accuracy": self.accuracy.to_dict(), "trials": [t.to_dict() for t in self.trials],
                 "sensitivity": self.sensitivity, "bits_per_weight": self.bits_per_weight,
                 "float_channels": self.float_channels, "lookup_tables": self.lookup_tables,
-                "output_error": self.output_error}
+                "output_error": self.output_error, "tuning": self.tuning}
 
 
 def method_description(precision: Precision, settings: QuantSettings, calibrated: bool = True) -> dict:
@@ -131,10 +135,13 @@ def method_description(precision: Precision, settings: QuantSettings, calibrated
     if precision is Precision.INT8:
         return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows (at most "
                            f"{WIDE_INPUT_INT8_BLOCK} where a layer's input is wider than the hidden size)", "rounding": "rtn"}
+    tuned = settings.int4_method.calibrated and settings.int4_tune_epochs > 0
     return {"weights": f"int4 {'symmetric' if settings.int4_symmetric else 'asymmetric'} "
                        f"blocks of {settings.int4_block_size} input rows (at most {settings.int4_fine_block_size} where "
                        "a layer's input is wider than the hidden size, and for a tied lm_head)",
-            "rounding": settings.int4_method.value}
+            "rounding": settings.int4_method.value,
+            "tuning": f"scales and norms trained end to end for {settings.int4_tune_epochs} epochs of the calibration "
+                      "windows (KL divergence from fp32)" if tuned else None}
 
 
 def _float_channels(layers, absmax: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -183,8 +190,9 @@ def prepare(exported: Path, prepared: Path, spec: DecoderSpec) -> None:
 
 def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSettings, spec: DecoderSpec,
              calibration: CalibrationSet | None, evaluate: Evaluator, budget: AccuracyBudget,
-             progress: Progress = QUIET, diverge: Divergence | None = None) -> QuantResult:
-    """`diverge` ranks the fallback's groups; without it (the benchmarks' fixed builds) there is no fallback."""
+             progress: Progress = QUIET, diverge: Divergence | None = None, tune: Tuner | None = None) -> QuantResult:
+    """`diverge` ranks the fallback's groups; without it (the benchmarks' fixed builds) there is no fallback.
+    `tune` trains a calibrated int4 build's scales before its first trial (settings.int4_tune_epochs)."""
     base, smoothing, scaling, thresholds, hessians, cached = prepared, [], [], {}, None, False
     model = ir.load(prepared)
     weights, _ = weight_bits(model)  # the fp32 model's: a scaled tied lm_head's own copy ("….T") is not one more
@@ -229,6 +237,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     layers = linear_layers(ir.load(base)) if base != prepared else layers
     groups = list(dict.fromkeys(layer.role(spec) for layer in layers))
     trial_count = 0
+    tuned_scales = False  # rounded holds the tuned scales (_tune)
     rounded = {}  # weight-only: each layer's codes per format, computed once over the trials
     fmt = weight_format(precision, settings) if precision.weight_only else None
     int8 = weight_format(Precision.INT8, settings)  # the backup, weight-only: activations stay float
@@ -269,9 +278,10 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
 
     def attempt(kept: list[str]) -> tuple[QuantizedGraph, Trial]:
         graph = build(set(kept))
-        trial = Trial(list(kept), evaluate(graph.path))
+        trial = Trial(list(kept), evaluate(graph.path), tuned_scales)
         what = "all layers" if not kept else f"{backup}: " + (", ".join(kept) if len(kept) <= 6 else
                                                                f"{len(kept)} ({', '.join(kept[:4])}, ...)")
+        what += ", scales tuned" if tuned_scales else ""
         progress.say(f"    {what}: perplexity {trial.accuracy.ppl:.3f} ({trial.accuracy.ppl_increase_pct:+.2f}%), "
             f"top-1 {trial.accuracy.top1_agreement:.2%}, {graph.bits_per_weight['model']:.2f} bits per weight")
         return graph, trial
@@ -280,7 +290,19 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         return not accuracy_failures(trial.accuracy, budget)
 
     graph, trial = attempt([])
-    trials, kept, sensitivity, output_error = [trial], [], {}, {}
+    trials, kept, sensitivity, output_error, tuning = [], [], {}, {}, None
+    if tune is not None and precision is Precision.INT4 and hessians is not None and settings.int4_tune_epochs > 0:
+        tuned_base, tuned_rounded, tuning = _tune(graph.path, tune, base, rounded, work, progress)
+        if tuned_base is not None:  # every later trial's int4 layers take the tuned scales, if they score better
+            untuned = base, rounded, graph, trial
+            base, rounded, tuned_scales = tuned_base, tuned_rounded, True
+            graph, trial = attempt([])
+            tuning["kept"] = (not passes(trial), trial.accuracy.ppl) < (not passes(untuned[3]), untuned[3].accuracy.ppl)
+            trials.append(untuned[3] if tuning["kept"] else trial)
+            if not tuning["kept"]:
+                progress.say("    the tuned scales score worse: the rounded ones are kept")
+                (base, rounded, graph, trial), tuned_scales = untuned, False
+    trials.append(trial)  # every trial made, the kept graph's last
     if not passes(trial) and settings.fallback and diverge is not None and len(groups) >= 2:
         groups += [TABLES] if set(graph.lookup_tables) - graph.tied_tables and table_bits != TABLE_BITS else []
         progress.say(f"    over budget: ranking {len(groups)} layer groups by how much {backup} gives back")
@@ -318,7 +340,29 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
                        graph.quantized, graph.total, kept, backup, graph.not_quantizable, graph.narrowed, smoothing,
                        scaling, calibration.source if calibration else None, cached, trials, sensitivity,
                        graph.bits_per_weight, {name: channels.tolist() for name, channels in floating.items()},
-                       graph.lookup_tables, output_error)
+                       graph.lookup_tables, output_error, tuning)
+
+
+def _tune(untuned: Path, tune: Tuner, base: Path, rounded: dict, work: Path,
+          progress: Progress) -> tuple[Path | None, dict, dict]:
+    """Tune the every-layer-int4 graph's scales and float parameters. Returns (a base graph with the tuned floats,
+    `rounded` with the tuned scales, the record); (None, `rounded`, the record) where tuning was skipped."""
+    tuned = tune(untuned, {name for name, _ in rounded})
+    if "skipped" in tuned.record:
+        progress.say(f"    scale tuning skipped: {tuned.record['skipped']}")
+        return None, rounded, tuned.record
+    tuned_rounded = {(name, form): (codes, tuned.scales.get(name, scales), zeros)
+                     for (name, form), (codes, scales, zeros) in rounded.items()}
+    model = ir.load(base)
+    for name, value in tuned.floats.items():
+        model.graph.initializers[name].const_value = ir.tensor(value, name=name)
+    tuned_base = work / "tuned" / MODEL_FILE
+    tuned_base.parent.mkdir(parents=True)
+    ir.save(model, tuned_base, external_data=DATA_FILE)
+    kl = tuned.record["kl_per_epoch"]
+    progress.say(f"    scales tuned: KL from fp32 {kl[0]:.4f} (first epoch) -> {kl[-1]:.4f} nats per token (last) "
+                 f"in {tuned.record['seconds']:.0f} s")
+    return tuned_base, tuned_rounded, tuned.record
 
 
 SMOOTHING_TOLERANCE = 1e-3  # of max |logit|: float rounding of the rescaled weights is ~1e-6

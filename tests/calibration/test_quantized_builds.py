@@ -315,10 +315,11 @@ def test_int4_fallback_with_hessians_keeps_layers_in_int8(tmp_path, calibration_
 
     from gptkiln.calibration.quantize import MAX_ESTIMATED_TRIALS, TABLES
 
-    # all int4: +1.15%; the tied lm_head (and with it wte) in int8: +0.55%; and wpe: +0.27%
+    # all int4: +1.15%; the tied lm_head (and with it wte) in int8: +0.55%; and wpe: +0.27% (untuned scales: tuning,
+    # tested in test_scale_tuning, is kept only where it scores better, and here it would not)
     budget = replace(AccuracyBudget.default(Precision.INT4), max_ppl_increase_pct=0.5)
     config = BuildConfig(model="reference", output=tmp_path / "out", precision=Precision.INT4,
-                         quant=quant(calibration_text, budget=budget))
+                         quant=quant(calibration_text, budget=budget, int4_tune_epochs=0))
     result = build(config)
     assert result.ok, result.targets[0].failures
     quantization = result.quantization
