@@ -31,29 +31,37 @@ from gptkiln.progress import QUIET, Progress
 SCALE_LR = 1e-3  # Adam on the log of each scale factor: about 0.1% of a scale a step at first
 FLOAT_LR = 1e-4  # Adam on the norm weights and biases
 BATCH = 8  # calibration windows a step
+MICRO_BATCH = 2  # windows a forward pass: a window's logits alone are 25 MB for a 49,152-token vocabulary
 CHECK_TOLERANCE = 1e-2  # of max |logit|: the module with the graph's weights against ONNX Runtime on the graph
 
 
 @dataclass
 class QuantizedWeight:
-    """One DequantizeLinear's weight: codes, zero points and scales in the graph's layout."""
+    """One DequantizeLinear's weight: its codes less their zero points, and its scales, in the graph's layout."""
 
     layer: str  # the weight's name in the graph: the codes are "<layer>.<code type>"
     parameter: str  # the module's parameter it stands for
     transposed: bool  # the graph holds the parameter transposed ("….T")
-    codes: torch.Tensor
-    zeros: torch.Tensor
-    scales: np.ndarray  # fp16 values, as float32
-    axis: int  # the blocked axis
-    block: int
+    steps: torch.Tensor  # codes - zero points, split into blocks: [K/B, B, N] (axis 0) or [N, K/B, B] (axis 1)
+    scales: np.ndarray  # [K/B, N] or [N, K/B]: fp16 values, as float32
+    axis: int  # the blocked axis: 0 for a linear layer's [K, N], 1 for a table's [V, K]
+
+    @classmethod
+    def read(cls, layer: str, parameter: str, transposed: bool, codes: np.ndarray, scales: np.ndarray,
+             zeros: np.ndarray, axis: int, block: int) -> "QuantizedWeight":
+        steps = codes.astype(np.float32) - np.repeat(zeros.astype(np.float32), block, axis=axis)
+        shape = (-1, block, steps.shape[1]) if axis == 0 else (steps.shape[0], -1, block)
+        return cls(layer, parameter, transposed, torch.from_numpy(steps.reshape(shape)), scales.astype(np.float32),
+                   axis)
 
     def weight(self, log_factor: torch.Tensor | None = None) -> torch.Tensor:
-        """The parameter the codes stand for, scaled by e^log_factor where given."""
+        """The parameter the codes stand for, scaled by e^log_factor where given (the scales broadcast over each
+        block, so autograd keeps no weight-sized copy of them)."""
         scales = torch.from_numpy(self.scales)
         if log_factor is not None:
             scales = scales * torch.exp(log_factor)
-        expand = lambda blocks: torch.repeat_interleave(blocks, self.block, dim=self.axis)  # noqa: E731
-        weight = (self.codes - expand(self.zeros)) * expand(scales)
+        blocks = self.steps * scales.unsqueeze(1 if self.axis == 0 else 2)
+        weight = blocks.flatten(0, 1) if self.axis == 0 else blocks.flatten(1, 2)
         return weight.T if self.transposed else weight
 
     def scales_as_quantized(self, log_factor: torch.Tensor) -> np.ndarray:
@@ -93,12 +101,12 @@ def _graph_weights(model: ir.Model, parameters: dict[str, torch.Tensor]):
         parameter, transposed = _parameter_name(layer)
         if parameter not in parameters:
             continue
-        code_array = codes.const_value.numpy().astype(np.float32)
-        zeros = (node.inputs[2].const_value.numpy().astype(np.float32) if len(node.inputs) > 2 and node.inputs[2]
-                 else np.zeros(scales.const_value.shape, np.float32))
-        quantized[layer] = QuantizedWeight(layer, parameter, transposed, torch.from_numpy(code_array),
-                                           torch.from_numpy(zeros), scales.const_value.numpy().astype(np.float32),
-                                           node.attributes.get_int("axis", 1), node.attributes.get_int("block_size"))
+        scale_array = scales.const_value.numpy()
+        zeros = (node.inputs[2].const_value.numpy() if len(node.inputs) > 2 and node.inputs[2] is not None
+                 else np.zeros(scale_array.shape, np.float32))
+        quantized[layer] = QuantizedWeight.read(layer, parameter, transposed, codes.const_value.numpy(), scale_array,
+                                                zeros, node.attributes.get_int("axis", 1),
+                                                node.attributes.get_int("block_size"))
         seen.setdefault(parameter, []).append(layer)
     for name, value in model.graph.initializers.items():
         parameter, transposed = _parameter_name(name)
@@ -174,16 +182,17 @@ def tune_scales(module: torch.nn.Module, graph_path: Path, layers: set[str], win
     for _ in range(epochs):
         total = 0.0
         for batch in torch.randperm(len(windows), generator=generator).split(BATCH):
-            ids = torch.from_numpy(windows[batch.numpy()])
-            with torch.no_grad():
-                target = F.log_softmax(logits(ids).flatten(0, 1), -1)
-            ours = F.log_softmax(logits(ids, swapped()).flatten(0, 1), -1)
-            loss = F.kl_div(ours, target, log_target=True, reduction="batchmean")
             optimizer.zero_grad()
-            loss.backward()
+            for part in batch.split(MICRO_BATCH):  # the gradient of the step's mean KL, a few windows at a time
+                ids = torch.from_numpy(windows[part.numpy()])
+                with torch.no_grad():
+                    target = F.log_softmax(logits(ids).flatten(0, 1), -1)
+                ours = F.log_softmax(logits(ids, swapped()).flatten(0, 1), -1)
+                loss = F.kl_div(ours, target, log_target=True, reduction="batchmean")
+                (loss * len(part) / len(batch)).backward()
+                total += loss.item() * len(part)
             optimizer.step()
             schedule.step()
-            total += loss.item() * len(batch)
             bar.step()
         epoch_kl.append(round(total / len(windows), 6))
     bar.close()

@@ -165,6 +165,10 @@ def test_weight_int4_and_dynamic_int8_pass(tmp_path, calibration_text, precision
         blocks = sorted(a.i for n in blocked for a in n.attribute if a.name == "block_size")
         assert blocks == [32] * 4 + [64] * 12  # c_proj reads 768 > the hidden size: the fine block; the rest 192
         assert result.quantization["method"]["rounding"] == "awq-gptq"  # the default
+        tuning = result.quantization["tuning"]  # tuned by default, kept only where it scores better
+        assert tuning["epochs"] == QuantSettings().int4_tune_epochs and tuning["scales_tuned"] == 17
+        first_two = [t["tuned"] for t in result.quantization["trials"][:2]]
+        assert first_two == ([False, True] if tuning["kept"] else [True, False])
         assert len(result.quantization["scaling"]) == 8  # ln_1 and ln_2 of 4 blocks: every fold GPT-2 has
         tables = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]  # wte, wpe: 4-bit in int4
         assert len(tables) == 2 and all(a.i == 4 for n in tables for a in n.attribute if a.name == "bits")
