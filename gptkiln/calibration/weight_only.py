@@ -47,6 +47,12 @@ class WeightFormat:
             return self
         return replace(self, block_size=min(self.block_size, self.fine_block_size))
 
+    def without_fine_blocks(self) -> WeightFormat | None:
+        """This format with every layer at `block_size`; None where it has no finer blocks."""
+        if self.fine_block_size is None or self.fine_block_size >= self.block_size:
+            return None
+        return replace(self, fine_block_size=None)
+
     def for_rows(self, rows: int) -> WeightFormat | None:
         """The format for a layer of `rows` input rows: the largest power-of-two block up to this
         one that divides them (NNCF's "adjust" group-size fallback), None below MIN_BLOCK."""

@@ -21,6 +21,9 @@ from gptkiln.models.loading import REFERENCE_DIR
 from gptkiln.targets.onnxruntime import OnnxRuntimeRunner, create_session
 
 EPOCHS = 2
+# every-layer GPTQ, one trial tuned: no fallback, and no fine blocks (so no second try without them, quantize.SPARE)
+SETTINGS = replace(QuantSettings(), int4_method=Int4Method.GPTQ, fallback=False, int4_tune_epochs=EPOCHS,
+                   int4_fine_block_size=QuantSettings().int4_block_size)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +50,9 @@ def int4_graphs(tmp_path_factory, prepared_reference, unseen_text):
     def tune(graph, layers):
         return tune_scales(loaded.model, graph, layers, calibration.windows, EPOCHS, loaded.spec)
 
-    settings = replace(QuantSettings(), int4_method=Int4Method.GPTQ, fallback=False, int4_tune_epochs=EPOCHS)
     budget = AccuracyBudget.default(Precision.INT4)
     work = tmp_path_factory.mktemp("tuning")
-    return tuple(quantize(path, work / name, Precision.INT4, settings, loaded.spec, calibration, evaluate, budget,
+    return tuple(quantize(path, work / name, Precision.INT4, SETTINGS, loaded.spec, calibration, evaluate, budget,
                           tune=tuner) for name, tuner in (("plain", None), ("tuned", tune)))
 
 
@@ -108,8 +110,7 @@ def test_tuned_scales_that_score_worse_are_not_kept(tmp_path, prepared_reference
     calibration = calibration_set(read_texts(calibration_text), loaded.tokenizer,
                                   CalibrationSettings(samples=32, seq_len=128), "stdlib")
     evaluation = Evaluation.prepare(loaded, EvalText.read(None), 4096)
-    settings = replace(QuantSettings(), int4_method=Int4Method.GPTQ, fallback=False, int4_tune_epochs=EPOCHS)
-    result = quantize(path, tmp_path, Precision.INT4, settings, loaded.spec, calibration,
+    result = quantize(path, tmp_path, Precision.INT4, SETTINGS, loaded.spec, calibration,
                       lambda graph: evaluation.measure(OnnxRuntimeRunner(loaded.spec, create_session(graph))),
                       AccuracyBudget.default(Precision.INT4),
                       tune=lambda graph, layers: tune_scales(loaded.model, graph, layers, calibration.windows, EPOCHS,
