@@ -6,6 +6,9 @@
 2. every linear layer quantized; the result scored (perplexity, top-1) against fp32 PyTorch;
    The lookup tables (embeddings) are stored in 8 bits, 4 in int4 builds (graph.lookup_tables), so every score
    below is the engines' own; a table a weight-only lm_head is tied to shares the lm_head's codes instead;
+   calibrated int4 then has its scales and norms tuned against fp32 (calibration.scale_tuning), kept where the
+   tuned graph scores better; where it passes within SPARE of the budget, it is made once more without the fine
+   blocks and kept if it passes (every_layer);
 3. over budget, the mixed-precision fallback keeps the most sensitive groups at a backup precision (weight-only
    int8, activations in float; fp32 for int8 itself; 8 bits for int4's tables) until the budget holds. A group is
    a layer role: the same linear layer in every transformer block (`model.layers.*.mlp.down_proj.weight`), or one
