@@ -384,7 +384,13 @@ def _tune(untuned: Path, tune: Tuner, base: Path, rounded: dict, directory: Path
     if "skipped" in tuned.record:
         progress.say(f"    scale tuning skipped: {tuned.record['skipped']}")
         return None, rounded, tuned.record
-    tuned_rounded = {(name, form): (codes, tuned.scales.get(name, scales), zeros)
+    def scales_of(name: str, form: WeightFormat, scales: np.ndarray) -> np.ndarray:
+        """The tuned scales for the format the tuned graph used: `rounded` may hold a layer in another format too
+        (its fine blocks' codes beside those without them)."""
+        new = tuned.scales.get(name)
+        return new if new is not None and form.bits == 4 and new.shape == scales.shape else scales
+
+    tuned_rounded = {(name, form): (codes, scales_of(name, form, scales), zeros)
                      for (name, form), (codes, scales, zeros) in rounded.items()}
     model = ir.load(base)
     for name, value in tuned.floats.items():
