@@ -144,12 +144,16 @@ def method_description(precision: Precision, settings: QuantSettings, calibrated
         return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows (at most "
                            f"{WIDE_INPUT_INT8_BLOCK} where a layer's input is wider than the hidden size)", "rounding": "rtn"}
     tuned = settings.int4_method.calibrated and settings.int4_tune_epochs > 0
-    return {"weights": f"int4 {'symmetric' if settings.int4_symmetric else 'asymmetric'} "
-                       f"blocks of {settings.int4_block_size} input rows (at most {settings.int4_fine_block_size} where "
-                       "a layer's input is wider than the hidden size, and for a tied lm_head)",
+    return {"weights": _int4_weights(settings, f"at most {settings.int4_fine_block_size} where a layer's input is "
+                                               "wider than the hidden size, and for a tied lm_head"),
             "rounding": settings.int4_method.value,
             "tuning": f"scales and norms trained end to end for {settings.int4_tune_epochs} epochs of the calibration "
                       "windows (KL divergence from fp32)" if tuned else None}
+
+
+def _int4_weights(settings: QuantSettings, blocks_note: str) -> str:
+    return (f"int4 {'symmetric' if settings.int4_symmetric else 'asymmetric'} blocks of {settings.int4_block_size} "
+            f"input rows ({blocks_note})")
 
 
 def _float_channels(layers, absmax: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -330,9 +334,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         coarse_graph, coarse_trial, coarse_tuning, made = every_layer()
         if passes(coarse_trial):
             graph, trial, tuning, trials = coarse_graph, coarse_trial, coarse_tuning, trials + made
-            method["weights"] = (f"int4 {'symmetric' if coarser.symmetric else 'asymmetric'} blocks of "
-                                 f"{coarser.block_size} input rows (no finer blocks: every layer passed with them "
-                                 f"within {SPARE:.0%} of the budget)")
+            method["weights"] = _int4_weights(settings, f"no finer blocks: every layer passed with them within "
+                                                        f"{SPARE:.0%} of the budget")
         else:
             fmt, trials = finer, trials[:-1] + made + trials[-1:]
     if not passes(trial) and settings.fallback and diverge is not None and len(groups) >= 2:

@@ -43,9 +43,9 @@ class WeightFormat:
         reading an input wider than the hidden size (the MLP's down projection, whose input carries the massive
         activations) and, at 4 bits, a tied lm_head (its codes are the embedding table's too)."""
         finer = layer.weight_shape[0] > hidden_size or (self.bits == 4 and tied_table(layer) is not None)
-        if not finer or self.fine_block_size is None:
-            return self
-        return replace(self, block_size=min(self.block_size, self.fine_block_size))
+        block = min(self.block_size, self.fine_block_size) if finer and self.fine_block_size else self.block_size
+        # resolved: the same layer format (a key of quantize_weights' `done`) with or without fine blocks elsewhere
+        return replace(self, block_size=block, fine_block_size=None)
 
     def without_fine_blocks(self) -> WeightFormat | None:
         """This format with every layer at `block_size`; None where it has no finer blocks."""
