@@ -25,9 +25,9 @@ TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
   onnxruntime_genai.models.builder -i HF_DIR -o DIR/P -p P -e cpu`), run by onnxruntime-genai's own
   Generator (benchmarks/genai_runner.py) with the same threads and max_length = prompt + new tokens;
 - --openvino-plugin-defaults (with --gptkiln): each quantized gptkiln OpenVINO engine once more with the config the
-  "optimum-intel, f32 config" rows run with (f32 inference and cache, the CPU plugin's default run-time int8
-  activations, DYNAMIC_QUANTIZATION_GROUP_SIZE 32, which gptkiln's builds keep unless an engine fails its gates
-  with them): same IR, same config;
+  "optimum-intel, gptkiln's config" rows run with (f32 compute, an f16 KV cache, the CPU plugin's default run-time
+  int8 activations, DYNAMIC_QUANTIZATION_GROUP_SIZE 32: what gptkiln's quantized builds keep unless an engine fails
+  its gates with it): same IR, same config;
 - --genai-loop (with --gptkiln): each gptkiln onnxruntime engine once more, run by onnxruntime-genai's Generator
   from the genai_config.json gptkiln writes beside it: the same graph under genai's C++ loop, which tells the
   graph's cost from the Python loop's;
@@ -42,7 +42,8 @@ TTFT, decode b1 and b8 x 128 new tokens, peak RSS):
   MatMul only, and the plain export keeps GPT-2's linears as Gemm);
 - --optimum-intel DIR: `optimum-cli export openvino` IRs, DIR/{fp32,int8,int4}/openvino_model.xml, each
   twice: with the runtime config optimum-intel gives its users (its IR's rt_info: u8/f16 KV cache,
-  the plugin's inference precision) and with gptkiln's parity config (f32 inference and KV cache).
+  the plugin's inference precision) and with the config gptkiln's engines of that precision get by default (f32
+  compute; an f16 KV cache for int8 and int4, f32 for fp32).
 benchmarks/RESULTS.md has the commands that make those directories (their own venvs: their pins
 clash with gptkiln's). --precision keeps only the rows of those precisions (every tool's; int8 is
 W8A8, dynamic int8 and weight-only int8). Writes results/compare_tools-<model>[-<precisions>].json
@@ -134,7 +135,7 @@ def gptkiln_variants(loaded, work: Path, progress: Progress, accuracy: dict, fam
                 graph, accuracy[name] = result.path, asdict(result.trials[-1].accuracy)
             for target in targets:
                 directory = work / name / target
-                get_target(target).compile(graph, directory, spec)
+                get_target(target).for_precision(precision).compile(graph, directory, spec)
                 variants.append(engine_variant(f"gptkiln {target}{suffix}", target, precision, directory, asdict(spec)))
                 if target == "onnxruntime" and concat_cache:
                     directory = work / name / "onnxruntime-concat"
@@ -165,9 +166,10 @@ def built_variants(outputs: list[Path], families: set[str], accuracy: dict, plug
         built = [replace(v, name=f"gptkiln {v.name}{suffix}") for v in output_variants(output, manifest)]
         variants += built
         if plugin_defaults and manifest["precision"] != "fp32":
-            variants += [replace(v, name=f"{v.name}, optimum-intel's f32 config",
+            variants += [replace(v, name=f"{v.name}, gptkiln's default config",
                                  load=partial(load_openvino_ir, str(output / v.target / IR_FILE), manifest["spec"],
-                                              parity_config=True)) for v in built if v.target == "openvino"]
+                                              gptkiln_config=True, quantized=True))
+                         for v in built if v.target == "openvino"]
         if genai_length and (output / "onnxruntime" / GENAI_CONFIG).is_file():
             variants += [replace(v, name=f"{v.name}, run by onnxruntime-genai",
                                  load=partial(load_genai, str(output / v.target), manifest["spec"], genai_length))
@@ -226,9 +228,10 @@ def optimum_intel_variants(directory: Path, spec: dict, families: set[str]) -> l
         if not xml.is_file() or family(precision) not in families:
             continue
         size, weights = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size, openvino_weight_bytes(xml)
-        for parity_config, label in ((False, "optimum-intel"), (True, "optimum-intel, f32 config")):
+        for gptkiln_config, label in ((False, "optimum-intel"), (True, "optimum-intel, gptkiln's config")):
             variants.append(Variant(label, precision, partial(load_openvino_ir, str(xml), spec,
-                                                              parity_config=parity_config),
+                                                              gptkiln_config=gptkiln_config,
+                                                              quantized=precision != "fp32"),
                                     artifact_bytes=size, weight_bytes=weights))
     return variants
 
@@ -240,7 +243,7 @@ def main() -> None:
     parser.add_argument("--optimum-intel", type=Path, help="optimum-intel IRs (see the docstring)")
     parser.add_argument("--genai", type=Path, help="onnxruntime-genai builder outputs (see the docstring)")
     parser.add_argument("--openvino-plugin-defaults", action="store_true",
-                        help="with --gptkiln: also each quantized OpenVINO engine in optimum-intel's f32 config")
+                        help="with --gptkiln: also each quantized OpenVINO engine in gptkiln's default config")
     parser.add_argument("--genai-loop", action="store_true",
                         help="with --gptkiln: also each onnxruntime engine run by onnxruntime-genai's Generator")
     parser.add_argument("--gguf-dir", type=Path, help="llama.cpp GGUF files (see the docstring)")

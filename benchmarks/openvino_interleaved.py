@@ -1,12 +1,14 @@
-"""gptkiln's OpenVINO fp32 engine against optimum-intel's IR of the same weights, in one process, rounds interleaved.
+"""gptkiln's OpenVINO engine against optimum-intel's IR of the same weights, in one process, rounds interleaved.
 
-    python benchmarks/openvino_interleaved.py --gptkiln OUT --optimum-intel DIR/openvino_model.xml [--rounds 5]
+    python benchmarks/openvino_interleaved.py --gptkiln OUT [--optimum-intel DIR/openvino_model.xml]
+                                              [--kv-cache f32 f16 u8] [--rounds 5]
 
 `gptkiln bench` and compare_tools.py measure one variant after another, each in its own process, so
 a slow spell of this shared machine lands on whole rows. Here every round runs each variant once,
-so drift hits them alike. Variants: gptkiln's IR with its f32 KV cache and with an f16 one
-(--kv-cache-precision f16); optimum-intel's IR with the config its users get (its rt_info: f16 KV
-cache) and with gptkiln's f32 config. Prefill of batch x 128 random tokens, then --steps decode
+so drift hits them alike. Variants: gptkiln's IR with each --kv-cache precision (default f32 and f16)
+and otherwise gptkiln's default config (f32 compute, run-time int8 activations per 32 for integer weights);
+optimum-intel's IR with the config its users get (its rt_info: an f16 KV cache for fp32, u8 for int8/int4) and
+with gptkiln's config at each cache precision. Prefill of batch x 128 random tokens, then --steps decode
 steps of forced random tokens (no argmax: the same inputs for every variant); median ms per step.
 """
 
@@ -42,19 +44,23 @@ def step_ms(runner, ids: np.ndarray, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gptkiln", type=Path, required=True, help="a gptkiln output with the openvino target")
-    parser.add_argument("--optimum-intel", type=Path, required=True, help="optimum-intel's openvino_model.xml")
+    parser.add_argument("--optimum-intel", type=Path, help="optimum-intel's openvino_model.xml")
+    parser.add_argument("--kv-cache", nargs="+", default=["f32", "f16"], choices=["f32", "f16", "u8"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=64)
     args = parser.parse_args()
     spec = DecoderSpec.from_dict(json.loads((args.gptkiln / "manifest.json").read_text())["spec"])
-    ours, theirs = str(args.gptkiln / "openvino" / IR_FILE), str(args.optimum_intel)
-    variants = {
-        "gptkiln, f32 KV cache": (ours, compile_config(RuntimeSettings(threads=args.threads))),
-        "gptkiln, f16 KV cache": (ours, compile_config(RuntimeSettings(threads=args.threads, kv_cache_precision="f16"))),
-        "optimum-intel, its config": (theirs, {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads}),
-        "optimum-intel, f32 config": (theirs, compile_config(RuntimeSettings(threads=args.threads))),
-    }
+    ours = str(args.gptkiln / "openvino" / IR_FILE)
+    configs = {cache: compile_config(RuntimeSettings(threads=args.threads, kv_cache_precision=cache))
+               for cache in args.kv_cache}
+    variants = {f"gptkiln, {cache} KV cache": (ours, config) for cache, config in configs.items()}
+    if args.optimum_intel:
+        theirs = str(args.optimum_intel)
+        variants["optimum-intel, its config"] = (theirs, {"PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_NUM_THREADS": args.threads})
+        variants.update({f"optimum-intel, gptkiln's config, {cache} KV cache": (theirs, config)
+                         for cache, config in configs.items()})
     runners = {name: ir_runner(Path(xml), spec, config) for name, (xml, config) in variants.items()}
     rng = np.random.default_rng(0)
     print("| batch | variant | ms per step, median | tok/s | rounds (ms) |\n| --- | --- | --- | --- | --- |")

@@ -159,8 +159,8 @@ class RuntimeSettings:
     # OpenVINO's compute and KV-cache precision: f32 (the parity bars of fp32) or, as an explicit choice,
     # bf16 / f16 (faster on CPUs that have them natively; held to the half-precision bars)
     inference_precision: str = "f32"
-    # OpenVINO's stateful KV-cache storage when it differs from the inference precision: f16 or u8 (an
-    # explicit choice, held to the half-precision bars); None: the inference precision
+    # OpenVINO's stateful KV-cache storage when it differs from the inference precision: f16 or u8 (held to the
+    # half-precision bars); None: f16 for integer weights (OpenVinoTarget.for_precision), else the inference precision
     kv_cache_precision: str | None = None
     # OpenVINO's DYNAMIC_QUANTIZATION_GROUP_SIZE: the CPU quantizes the activations of layers with integer weights
     # to int8 per group at run time; 0 turns that off (float activations); None: the CPU default (32), and a

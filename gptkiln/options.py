@@ -37,8 +37,9 @@ def add_export_arguments(export: argparse.ArgumentParser) -> None:
                         help="OpenVINO compute and KV-cache precision (default f32: the fp32 parity bars; bf16/f16 "
                              "are faster on CPUs with native support and held to the half-precision bars)")
     export.add_argument("--kv-cache-precision", choices=["f32", "f16", "u8"],
-                        help="OpenVINO's stateful KV cache storage (default: the inference precision; f16/u8 read "
-                             "fewer bytes per step and are held to the half-precision bars)")
+                        help="OpenVINO's stateful KV cache storage (default: f16 for quantized builds, whose gate "
+                             "decodes through it, else the inference precision; f16/u8 read fewer bytes per step and "
+                             "are held to the half-precision bars)")
     export.add_argument("--dynamic-quantization-group", type=int,
                         help="OpenVINO: quantize the activations of integer-weight layers to int8 per group of N at "
                              "run time, 0: float activations (default: the CPU's 32, then 16, then 0 where an "

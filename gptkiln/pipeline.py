@@ -96,7 +96,8 @@ def prepare_build(config: BuildConfig) -> tuple[list[Target], QuantInputs | None
     if not config.targets:
         raise TargetUnavailableError("no target to build: no target runtime is installed here",
                                      "pip install onnxruntime, or name a target with --target")
-    targets = [get_target(name, config.runtime_for(name), config.engine) for name in config.targets]
+    targets = [get_target(name, config.runtime_for(name), config.engine).for_precision(config.precision)
+               for name in config.targets]
     for target in targets:
         target.check_build(config)
     inputs = read_quant_inputs(config)

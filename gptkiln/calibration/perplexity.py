@@ -17,6 +17,10 @@ from gptkiln.targets.base import Runner
 
 DEFAULT_EVAL_TEXT = REFERENCE_DIR / "heldout.txt"
 WINDOW = 128  # tokens per evaluation window (each scored from an empty cache)
+# a window's first PREFILL tokens are one step; the rest are decoded a token a step, each reading the tokens before
+# it from the runner's KV cache as generation does, so the cache's storage (OpenVINO's f16 / u8) and the one-token
+# kernels are measured too (a prefill alone never reads the cache)
+PREFILL = WINDOW // 2
 BATCH = 8
 
 
@@ -73,9 +77,16 @@ def eval_windows(tokenizer, text: EvalText, max_tokens: int) -> np.ndarray:
 
 
 def _logits(runner: Runner, ids: np.ndarray) -> np.ndarray:
-    """[batch, WINDOW, vocab]: each window's prefill from an empty cache."""
-    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
-    return runner.step(ids, np.ones_like(ids), positions, runner.empty_cache(len(ids)))[0]
+    """[batch, WINDOW, vocab]: each window from an empty cache, its first PREFILL tokens in one step, then one
+    token a step (the PyTorch reference: every token in one step, the same logits 4.5x faster on SmolLM2)."""
+    batch, length = ids.shape
+    bounds = [0, *range(length if runner.exact_cache else min(PREFILL, length), length + 1)]
+    cache, parts = runner.empty_cache(batch), []
+    for start, end in zip(bounds, bounds[1:]):
+        positions = np.broadcast_to(np.arange(start, end), (batch, end - start)).copy()
+        logits, cache = runner.step(ids[:, start:end], np.ones((batch, end), ids.dtype), positions, cache)
+        parts.append(logits)
+    return np.concatenate(parts, axis=1)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ from gptkiln.targets.base import Runner
 class TorchRunner(Runner):
     """Runs the exact module that was exported (the KV-cache wrapper) in eager mode."""
 
+    exact_cache = True
+
     def __init__(self, model, spec: DecoderSpec):
         super().__init__(spec)
         self.decoder = KVCacheDecoder(model, spec).eval()

@@ -25,6 +25,10 @@ RUNTIME_CONFIG = "runtime_config.json"  # beside the engine files
 
 
 class Runner(ABC):
+    # the fp32 PyTorch model's cache holds exactly what its prefill computed: decoding through it gives a prefill's
+    # logits, so an evaluation scores it in one step (calibration.perplexity)
+    exact_cache = False
+
     def __init__(self, spec: DecoderSpec):
         self.spec = spec
 
@@ -54,6 +58,10 @@ class Target(ABC):
     def __init__(self, runtime: RuntimeSettings | None = None, engine: EngineSettings | None = None):
         self.runtime = runtime or RuntimeSettings()
         self.engine = engine or EngineSettings()  # ahead-of-time engines (TensorRT) only
+
+    def for_precision(self, precision: Precision) -> Target:
+        """This target with the runtime defaults that depend on the build's precision settled (before it is keyed)."""
+        return self
 
     def check_build(self, config: BuildConfig) -> None:
         """Refuse, before any work is done, a build this target cannot do here."""

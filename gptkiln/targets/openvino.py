@@ -9,7 +9,8 @@ returns is a handle, and `cache_arrays` reads the state back for parity.
 Inference precision is pinned (OpenVINO otherwise picks bf16/f16 on capable CPUs, so one
 build would compute differently on different hosts), and so is the KV-cache precision (u8
 by default on CPU): f32 by default, held to the fp32 parity bars; bf16 or f16 when asked
-(`--inference-precision`), held to the half-precision bars. A CPU without native support
+(`--inference-precision`), held to the half-precision bars. A quantized build's cache is f16
+unless asked (OpenVinoTarget.for_precision): its accuracy gate decodes through it. A CPU without native support
 emulates bf16 (much slower) and runs f16 requests in f32: the build warns.
 """
 
@@ -34,6 +35,9 @@ BEAM_INPUT = "beam_idx"
 # the CPU plugin's own default: the activations of integer-weight layers quantized to int8 per 32 at run time
 CPU_DYNAMIC_QUANTIZATION_GROUP = 32
 SAFER_ACTIVATION_GROUPS = (16, 0)  # OpenVinoTarget.fallback, in order: int8 per 16, then float activations
+# the KV cache of an engine with integer weights where gptkiln chooses it; a quantized build's gate decodes through
+# it (calibration.perplexity.PREFILL), and its last fallback is f32
+QUANTIZED_KV_CACHE = "f16"
 
 
 def _import_openvino():
@@ -251,14 +255,30 @@ class OpenVinoTarget(Target):
     stateful = True
 
     def __init__(self, runtime: RuntimeSettings | None = None, engine: EngineSettings | None = None,
-                 safer_groups: tuple[int, ...] | None = None):
+                 safer: tuple[dict, ...] | None = None):
         super().__init__(runtime, engine)
-        # the activation groups fallback() tries after this one: none where a group was asked for
+        # the runtime settings fallback() tries after these, in order: the activation groups unless one was asked for
         chosen = self.runtime.dynamic_quantization_group is None
-        self.safer_groups = safer_groups if safer_groups is not None else (SAFER_ACTIVATION_GROUPS if chosen else ())
+        groups = SAFER_ACTIVATION_GROUPS if chosen else ()
+        self.safer = safer if safer is not None else tuple({"dynamic_quantization_group": g} for g in groups)
+
+    def for_precision(self, precision: Precision) -> Target:
+        """An engine with integer weights keeps an f16 KV cache unless one was asked for, and its last fallback (float
+        activations where the group is gptkiln's) keeps an f32 one: the engine closest to the graph. SmolLM2 int4 on
+        a 2-core Xeon, against f32: 1.14x the decode speed at batch 8, 1.03x at batch 1 (u8: 1.19x, 1.09x); the gate
+        moves by less than its noise with f16 (int8 +0.198% against +0.241%), while u8 costs int8 0.14 points of its
+        0.5 (benchmarks/RESULTS.md, session 41)."""
+        if not (self.stateful and precision.quantized and self.runtime.kv_cache_precision is None):
+            return self
+        f32_cache = {"kv_cache_precision": "f32"}
+        safer = self.safer[:-1] + ({**self.safer[-1], **f32_cache},) if self.safer else (f32_cache,)
+        return type(self)(replace(self.runtime, kv_cache_precision=QUANTIZED_KV_CACHE), self.engine, safer)
 
     def check_available(self) -> None:
         _import_openvino()
+
+    def build_settings(self) -> dict:
+        return {**super().build_settings(), "fallbacks": list(self.safer)}  # what a failed gate tries next
 
     def tolerances(self, build: Tolerances) -> Tolerances:
         reduced = {self.runtime.inference_precision, self.runtime.kv_cache_precision or "f32"} != {"f32"}
@@ -280,13 +300,19 @@ class OpenVinoTarget(Target):
         group: on a VNNI/AMX CPU int8 activations decode SmolLM2 int4 1.3x faster at batch 1 and 1.5x at batch 8 (per
         16: 1.2x, 1.5x), and round differently from ONNX Runtime's (the engine the quantize stage scores where the
         build names it: targets.trial_target), so a build at the edge of its budget may pass on one and not the
-        other; a smaller group is closer to float (SmolLM2 int4: +5.006% per 32, +4.933% per 16, +4.894% float)."""
-        if not self.safer_groups:
+        other; a smaller group is closer to float (SmolLM2 int4: +5.006% per 32, +4.933% per 16, +4.894% float).
+        The last try also keeps an f32 KV cache where gptkiln chose f16 (for_precision)."""
+        if not self.safer:
             return None
-        group, rest = self.safer_groups[0], self.safer_groups[1:]
-        what = f"int8 activations per {group}" if group else "float activations"
-        safer = type(self)(replace(self.runtime, dynamic_quantization_group=group), self.engine, rest)
-        return safer, f"{what} (DYNAMIC_QUANTIZATION_GROUP_SIZE {group})"
+        change, rest = self.safer[0], self.safer[1:]
+        what = []
+        if "dynamic_quantization_group" in change:
+            group = change["dynamic_quantization_group"]
+            what.append(f"{f'int8 activations per {group}' if group else 'float activations'} "
+                        f"(DYNAMIC_QUANTIZATION_GROUP_SIZE {group})")
+        if "kv_cache_precision" in change:
+            what.append(f"an {change['kv_cache_precision']} KV cache")
+        return type(self)(replace(self.runtime, **change), self.engine, rest), " and ".join(what)
 
     def compile(self, onnx_path: Path, out_dir: Path, spec: DecoderSpec) -> dict:
         return self.compile_and_load(onnx_path, out_dir, spec)[0]

@@ -222,8 +222,14 @@ def test_too_few_calibration_tokens_is_a_clear_error(tmp_path, capsys):
 
 def test_weight_only_int8_on_openvino_passes_with_the_cpus_int8_activations(tmp_path):
     """int8 weights in blocks of 32 (16 for the MLP's c_proj); OpenVINO quantizes their activations to int8 per 32
-    at run time (the CPU's default), and the engine passes its gates so (no second try)."""
+    at run time (the CPU's default), keeps an f16 KV cache, and the engine passes its gates so (no second try). The
+    gate decodes through the cache, so the same engine measures differently with a u8 one (a prefill alone never
+    reads the cache)."""
     import openvino as ov
+
+    from gptkiln.calibration.perplexity import EvalText, Evaluation
+    from gptkiln.models.spec import DecoderSpec
+    from gptkiln.targets.openvino import IR_FILE, ir_runner
 
     output = tmp_path / "int8"
     result = build(BuildConfig(model="reference", output=output, targets=("openvino",), precision=Precision.INT8))
@@ -237,8 +243,15 @@ def test_weight_only_int8_on_openvino_passes_with_the_cpus_int8_activations(tmp_
     assert quantization["bits_per_weight"]["linear_layers"] == round(8.5 + 0.5 * wide / linear, 3) == 8.615
     assert manifest["budget"]["max_ppl_increase_pct"] == 0.5
     openvino = manifest["targets"]["openvino"]
-    assert openvino["settings"]["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 32
+    config = openvino["settings"]["config"]
+    assert config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 32 and config["KV_CACHE_PRECISION"] == "f16"
     assert "earlier_tries" not in openvino["settings"]
+    evaluation = Evaluation.prepare(load_model("reference"), EvalText.read(None), 8192)
+    spec, ir_path = DecoderSpec.from_dict(manifest["spec"]), output / "openvino" / IR_FILE
+    measured = {cache: evaluation.measure(ir_runner(ir_path, spec, {**config, "KV_CACHE_PRECISION": cache})).ppl
+                for cache in ("f16", "u8")}
+    assert measured["f16"] == pytest.approx(openvino["accuracy"]["ppl"], rel=1e-5)
+    assert abs(measured["u8"] / measured["f16"] - 1) > 1e-5
     assert abs(openvino["accuracy"]["ppl_increase_pct"]) <= 0.5
     assert quantization["scored_on"] == "openvino"  # the only target: the trials ran on its engine, as gated
     assert openvino["accuracy"] == quantization["accuracy"]
@@ -250,10 +263,11 @@ def test_weight_only_int8_on_openvino_passes_with_the_cpus_int8_activations(tmp_
 
 
 def test_openvino_falls_back_to_finer_then_float_activations_where_int8_ones_fail_the_gate(tmp_path):
-    """Unless asked for a group, OpenVINO's engine is compiled with the CPU's run-time int8 activations per 32 first;
-    where it fails its gates it is compiled again per 16, then with float ones (DYNAMIC_QUANTIZATION_GROUP_SIZE 0),
-    and the manifest says what each earlier try measured. A budget no engine meets makes every try fail here. An
-    explicit group is held to: no second try."""
+    """Unless asked for a group and a cache, OpenVINO's engine is compiled with the CPU's run-time int8 activations per
+    32 and an f16 KV cache first; where it fails its gates it is compiled again per 16, then with float ones
+    (DYNAMIC_QUANTIZATION_GROUP_SIZE 0) and an f32 cache, and the manifest says what each earlier try measured. A
+    budget no engine meets makes every try fail here. An explicit group is held to (the cache alone changes); an
+    explicit group and cache: no second try."""
     from gptkiln.options import export_config
 
     def runtime(**values):
@@ -267,13 +281,20 @@ def test_openvino_falls_back_to_finer_then_float_activations_where_int8_ones_fai
     with pytest.raises(ParityError) as failed:
         build(config)
     settings = failed.value.details["targets"]["openvino"]["settings"]
-    earlier = settings["earlier_tries"]
-    assert [t["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] for t in earlier] == [32, 16]
-    assert settings["config"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
-    assert all("accuracy: perplexity" in t["failures"][0] and t["accuracy"]["ppl_increase_pct"] > 1e-9 for t in earlier)
-    asked = replace(config, output=tmp_path / "asked", runtime=replace(config.runtime, dynamic_quantization_group=32))
+    tries = [t["config"] for t in settings["earlier_tries"]] + [settings["config"]]
+    assert [(c["DYNAMIC_QUANTIZATION_GROUP_SIZE"], c["KV_CACHE_PRECISION"]) for c in tries] == [
+        (32, "f16"), (16, "f16"), (0, "f32")]
+    assert all("accuracy: perplexity" in t["failures"][0] and t["accuracy"]["ppl_increase_pct"] > 1e-9
+               for t in settings["earlier_tries"])
+    group = replace(config, output=tmp_path / "group", runtime=replace(config.runtime, dynamic_quantization_group=32))
     with pytest.raises(ParityError) as failed:
-        build(asked)
+        build(group)
+    settings = failed.value.details["targets"]["openvino"]["settings"]
+    tries = [t["config"] for t in settings["earlier_tries"]] + [settings["config"]]
+    assert [(c["DYNAMIC_QUANTIZATION_GROUP_SIZE"], c["KV_CACHE_PRECISION"]) for c in tries] == [(32, "f16"), (32, "f32")]
+    both = replace(group, output=tmp_path / "both", runtime=replace(group.runtime, kv_cache_precision="f16"))
+    with pytest.raises(ParityError) as failed:
+        build(both)
     assert "earlier_tries" not in failed.value.details["targets"]["openvino"]["settings"]
 
 
