@@ -168,7 +168,7 @@ def built_variants(outputs: list[Path], families: set[str], accuracy: dict, plug
         if plugin_defaults and manifest["precision"] != "fp32":
             variants += [replace(v, name=f"{v.name}, gptkiln's default config",
                                  load=partial(load_openvino_ir, str(output / v.target / IR_FILE), manifest["spec"],
-                                              gptkiln_config=True, quantized=True))
+                                              gptkiln_precision=Precision(manifest["precision"])))
                          for v in built if v.target == "openvino"]
         if genai_length and (output / "onnxruntime" / GENAI_CONFIG).is_file():
             variants += [replace(v, name=f"{v.name}, run by onnxruntime-genai",
@@ -228,10 +228,9 @@ def optimum_intel_variants(directory: Path, spec: dict, families: set[str]) -> l
         if not xml.is_file() or family(precision) not in families:
             continue
         size, weights = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size, openvino_weight_bytes(xml)
-        for gptkiln_config, label in ((False, "optimum-intel"), (True, "optimum-intel, gptkiln's config")):
+        for gptkiln_precision, label in ((None, "optimum-intel"), (Precision(name), "optimum-intel, gptkiln's config")):
             variants.append(Variant(label, precision, partial(load_openvino_ir, str(xml), spec,
-                                                              gptkiln_config=gptkiln_config,
-                                                              quantized=precision != "fp32"),
+                                                              gptkiln_precision=gptkiln_precision),
                                     artifact_bytes=size, weight_bytes=weights))
     return variants
 

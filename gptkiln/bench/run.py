@@ -78,16 +78,18 @@ def load_onnx_file(path: str, spec: dict, threads: int):
     return OnnxRuntimeRunner(DecoderSpec.from_dict(spec), create_session(Path(path), threads)), {}
 
 
-def load_openvino_ir(path: str, spec: dict, threads: int, gptkiln_config: bool, quantized: bool = False):
+def load_openvino_ir(path: str, spec: dict, threads: int, gptkiln_precision: Precision | None):
     """Another tool's stateful IR (optimum-intel's has gptkiln's inputs and beam_idx), with the config that
-    tool's users get (the IR's rt_info and the plugin's defaults) or with the one gptkiln's own engines of its kind
-    get by default (f32 compute; an f16 KV cache where the weights are integers)."""
+    tool's users get (the IR's rt_info and the plugin's defaults; gptkiln_precision None) or with the one gptkiln's
+    own engines of that precision get by default (OpenVinoTarget.for_precision)."""
     from gptkiln.config import RuntimeSettings
-    from gptkiln.targets.openvino import QUANTIZED_KV_CACHE, compile_config, ir_runner, kv_element_bytes
+    from gptkiln.targets.openvino import OpenVinoTarget, compile_config, ir_runner, kv_element_bytes
 
-    runtime = RuntimeSettings(threads=threads, kv_cache_precision=QUANTIZED_KV_CACHE if quantized else None)
-    config = (compile_config(runtime) if gptkiln_config
-              else {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    if gptkiln_precision is None:
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    else:
+        target = OpenVinoTarget(RuntimeSettings(threads=threads)).for_precision(gptkiln_precision)
+        config = compile_config(target.runtime)
     runner = ir_runner(Path(path), DecoderSpec.from_dict(spec), config)  # last-position logits, as gptkiln's get
     return runner, {"kv_element_bytes": kv_element_bytes(runner.compiled)}
 
