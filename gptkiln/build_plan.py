@@ -81,8 +81,8 @@ def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
     if precision is Precision.W8A8:
         settings.update(activations=quant.activations.value, percentile=quant.percentile,
                         smoothquant_alpha=quant.smoothquant_alpha, float_channels=quant.float_channels)
-    calibrated_dynamic = precision is Precision.INT8_DYNAMIC and quant.calibration.path is not None
-    if calibrated_dynamic:  # SmoothQuant from the calibration text
+    smoothed = precision.smoothed_when_calibrated and quant.calibration.path is not None
+    if smoothed:  # SmoothQuant from the calibration text
         settings.update(smoothquant_alpha=quant.smoothquant_alpha)
     if precision is Precision.INT4:
         settings.update(method=quant.int4_method.value, block_size=quant.int4_block_size,
@@ -93,7 +93,7 @@ def quant_settings(precision: Precision, quant: QuantSettings) -> dict:
     calibrated_int4 = precision is Precision.INT4 and quant.int4_method.calibrated
     if calibrated_int4:
         settings.update(tune_epochs=quant.int4_tune_epochs)
-    if precision is Precision.W8A8 or calibrated_dynamic or calibrated_int4:
+    if precision is Precision.W8A8 or smoothed or calibrated_int4:
         settings["calibration"] = asdict(quant.calibration)
     return settings
 

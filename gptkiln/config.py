@@ -30,6 +30,13 @@ class Precision(str, enum.Enum):
     def half(self) -> bool:
         return self in (Precision.FP16, Precision.BF16)
 
+    @property
+    def smoothed_when_calibrated(self) -> bool:
+        """SmoothQuant folded in where calibration text is given (optional for these): the runtimes quantize their
+        activations to int8 as they run, int8-dynamic's per token, weight-only int8's per block (ONNX Runtime's
+        8-bit MatMulNBits) or per group of 32 (OpenVINO's CPU)."""
+        return self in (Precision.INT8_DYNAMIC, Precision.INT8)
+
 
 class ActivationCalibration(str, enum.Enum):
     MINMAX = "minmax"

@@ -103,7 +103,9 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("quantization (accuracy-gated; see the README)")
     group.add_argument("--quantize", choices=[p.value for p in Precision], default=Precision.FP32.value,
                        help="precision of the build (default fp32; fp16/bf16 keep normalization and softmax in fp32)")
-    group.add_argument("--calibration", type=Path, help="calibration text: a text file, a .jsonl file or a directory")
+    group.add_argument("--calibration", type=Path,
+                       help="calibration text: a text file, a .jsonl file or a directory (needed by w8a8 and "
+                            "calibrated int4; int8 and int8-dynamic use it for SmoothQuant)")
     group.add_argument("--calibration-field", default=defaults.calibration.jsonl_field,
                        help="JSONL field holding the text (default %(default)s)")
     group.add_argument("--calibration-samples", type=int, default=defaults.calibration.samples,
@@ -117,8 +119,9 @@ def _add_quantization_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--percentile", type=float, default=defaults.percentile, help="for --activations percentile")
     group.add_argument("--smoothquant-alpha", type=smoothquant_alpha_value, default=defaults.smoothquant_alpha,
                        help="SmoothQuant migration strength in [0, 1], or auto: searched per activation for W8A8, "
-                            f"{DYNAMIC_ALPHA} for int8-dynamic (default %(default)s)")
-    group.add_argument("--no-smoothquant", action="store_true", help="W8A8 without SmoothQuant")
+                            f"{DYNAMIC_ALPHA} for int8-dynamic and int8 (default %(default)s)")
+    group.add_argument("--no-smoothquant", action="store_true",
+                       help="W8A8, and int8-dynamic and int8 given --calibration, without SmoothQuant")
     group.add_argument("--no-float-channels", action="store_true",
                        help="W8A8 with every activation channel in int8 (default: the few outlier channels of an "
                             f"activation, max |x| >= {FLOAT_RATIO:g}x the median channel's, are multiplied in float)")

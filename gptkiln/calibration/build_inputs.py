@@ -45,7 +45,7 @@ def read_quant_inputs(config: BuildConfig) -> QuantInputs | None:
     if not config.precision.quantized:
         return None
     calibration = None
-    if config.precision is Precision.INT8_DYNAMIC and quant.calibration.path is not None:  # for SmoothQuant
+    if config.precision.smoothed_when_calibrated and quant.calibration.path is not None:  # optional: SmoothQuant
         calibration = read_texts(quant.calibration.path, quant.calibration.jsonl_field)
     if needs_calibration(config.precision, quant):
         if quant.calibration.path is None:

@@ -1,8 +1,8 @@
 """From the fp32 graph to a quantized graph that meets its accuracy budget.
 
-1. statistics from the calibration set (cached), SmoothQuant folded in for W8A8 and for int8-dynamic
-   given calibration text (its per-token scales need none, its smoothing does), AWQ's channel scales
-   for int4 awq-gptq;
+1. statistics from the calibration set (cached), SmoothQuant folded in for W8A8, and for int8-dynamic and
+   weight-only int8 given calibration text (the runtimes' int8 activations need none, the smoothing does; a tied
+   lm_head is left out of int8's, so the table stays stored once), AWQ's channel scales for int4 awq-gptq;
 2. every linear layer quantized; the result scored (perplexity, top-1) against fp32 PyTorch;
    The lookup tables (embeddings) are stored in 8 bits, 4 in int4 builds (graph.lookup_tables), so every score
    below is the engines' own; a table a weight-only lm_head is tied to shares the lm_head's codes instead;
@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from gptkiln.calibration.awq import Scaled, awq_scale
 from gptkiln.calibration.data import CalibrationSet
-from gptkiln.calibration.layers import linear_bits, linear_layers, weight_bits
+from gptkiln.calibration.layers import linear_bits, linear_layers, tied_table, weight_bits
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
 from gptkiln.calibration.qdq import activation_threshold, quantize_dynamic, quantize_w8a8
 from gptkiln.calibration.scale_tuning import Tuned
@@ -141,8 +141,10 @@ def method_description(precision: Precision, settings: QuantSettings, calibrated
         return {"weights": "int8 symmetric per output channel", "activations": "int8 symmetric per token, at run time",
                 "smoothquant_alpha": smoothquant_alpha(precision, settings) if calibrated else None}
     if precision is Precision.INT8:
-        return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows (at most "
-                           f"{WIDE_INPUT_INT8_BLOCK} where a layer's input is wider than the hidden size)", "rounding": "rtn"}
+        smoothed = calibrated and settings.smoothquant_alpha is not None
+        fine = "" if smoothed else f" (at most {WIDE_INPUT_INT8_BLOCK} where a layer's input is wider than the hidden size)"
+        return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows{fine}", "rounding": "rtn",
+                "smoothquant_alpha": smoothquant_alpha(precision, settings) if smoothed else None}
     tuned = settings.int4_method.calibrated and settings.int4_tune_epochs > 0
     return {"weights": _int4_weights(settings, f"at most {settings.int4_fine_block_size} where a layer's input is "
                                                "wider than the hidden size, and for a tied lm_head"),
@@ -171,11 +173,14 @@ def smoothquant_alpha(precision: Precision, settings: QuantSettings) -> float | 
     return settings.smoothquant_alpha
 
 
-# ONNX Runtime's 8-bit MatMulNBits (its fast path) quantizes the activations to int8 in the weight's blocks. A
-# layer reading an input wider than the hidden size (the MLP's down projection, whose input carries the massive
-# activations) loses most there: SmolLM2 int8 on an AVX2 host +0.35% -> +0.25% with these layers' blocks at 16
-# (+1.7 MB; every layer at 16: +0.07%, +10 MB). OpenVINO, whose activations stay float, is as accurate either way.
-WIDE_INPUT_INT8_BLOCK = 16  # the int8 fine block (WeightFormat.for_layer): 8-bit MatMulNBits quantizes activations in it
+# ONNX Runtime's 8-bit MatMulNBits (its fast path) quantizes the activations to int8 in the weight's blocks, and
+# OpenVINO's CPU in groups of 32 (or a finer weight block). A layer reading an input wider than the hidden size (the
+# MLP's down projection, whose input carries the massive activations) loses most there: SmolLM2 int8 on an AVX2
+# host +0.35% -> +0.25% with these layers' blocks at 16 (+1.7 MB; every layer at 16: +0.07%, +10 MB). Blocks of 16
+# cost OpenVINO 10-15% of its decode speed, so given calibration text SmoothQuant takes the outliers out of the
+# activations instead and every layer keeps the block size: SmolLM2 +0.198% -> +0.037% / +0.022% (ONNX Runtime /
+# OpenVINO), OpenVINO decode 1.09x (batch 1) and 1.12x (batch 8) (benchmarks/RESULTS.md, session 42)
+WIDE_INPUT_INT8_BLOCK = 16  # the int8 fine block without SmoothQuant (WeightFormat.for_layer)
 
 
 def weight_format(precision: Precision, settings: QuantSettings) -> WeightFormat:
@@ -211,14 +216,16 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     layers = linear_layers(model)
     names = sorted({layer.activation.name for layer in layers})
     alpha, floating = smoothquant_alpha(precision, settings), {}
-    if precision in (Precision.W8A8, Precision.INT8_DYNAMIC) and calibration is not None:
+    if (precision is Precision.W8A8 or precision.smoothed_when_calibrated) and calibration is not None:
         search = alpha == AUTO_ALPHA
         stats = collect(prepared, names, calibration, spec, hessians=search, progress=progress)
         cached = stats.cached
         if precision is Precision.W8A8 and settings.float_channels:
             floating = _float_channels(layers, stats.absmax)
         if alpha is not None:
-            smoothing = smooth(model, layers, dict(stats.absmax), alpha, spec,
+            # weight-only int8 shares a tied lm_head's codes with the embedding, so it is left unsmoothed
+            smoothed = [layer for layer in layers if precision is not Precision.INT8 or tied_table(layer) is None]
+            smoothing = smooth(model, smoothed, dict(stats.absmax), alpha, spec,
                                stats.hessians if search else None, calibration.windows.size, progress, floating)
             base = work / "smoothed" / MODEL_FILE
             base.parent.mkdir(parents=True)
@@ -242,7 +249,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
             ir.save(model, base, external_data=DATA_FILE)
             _check_function_kept(prepared, base, calibration, spec)
     progress.say(f"    statistics: {'from the cache' if cached else 'collected'}" if calibration is not None else
-                 "    no calibration text: int8-dynamic without SmoothQuant" if precision is Precision.INT8_DYNAMIC else
+                 f"    no calibration text: {precision.value} without SmoothQuant" if precision.smoothed_when_calibrated else
                  "    no calibration needed")
 
     # the layers as every trial sees them: a tied lm_head smoothed or scaled reads its own copy ("….T")
@@ -253,6 +260,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     rounded = {}  # weight-only: each layer's codes per format, computed once over the trials
     fmt = weight_format(precision, settings) if precision.weight_only else None
     int8 = weight_format(Precision.INT8, settings)  # the backup, weight-only: activations stay float
+    if precision is Precision.INT8 and smoothing:  # the outliers are smoothed away: no finer blocks (see above)
+        fmt = int8 = int8.without_fine_blocks() or int8
     backup = "fp32" if precision is Precision.INT8 else "int8"
     table_bits = 4 if precision is Precision.INT4 else TABLE_BITS
 

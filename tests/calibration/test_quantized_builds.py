@@ -190,6 +190,28 @@ def test_weight_int4_and_dynamic_int8_pass(tmp_path, calibration_text, precision
     assert target.settings["bits_per_weight"] == round(8 * target.settings["engine_bytes"] / parameters, 3)
 
 
+def test_weight_only_int8_given_calibration_text_smooths_instead_of_finer_blocks(tmp_path, calibration_text):
+    """Given calibration text, int8 folds SmoothQuant (α 0.5) into every site but the tied lm_head's, and every layer
+    keeps blocks of 32, the MLP's c_proj too (without it c_proj, reading an input wider than the hidden size, takes 16:
+    test_weight_only_int8_on_openvino_…): the runtimes' int8 activations meet no outliers. The table is stored once,
+    the lm_head's codes."""
+    output = tmp_path / "out"
+    result = build(BuildConfig(model="reference", output=output, precision=Precision.INT8, quant=quant(calibration_text)))
+    assert result.ok, result.targets[0].failures
+    quantization = result.quantization
+    smoothed = quantization["smoothing"]
+    assert len(smoothed) == 8 and {s["alpha"] for s in smoothed} == {0.5}  # ln_1 and ln_2 of 4 blocks
+    assert quantization["method"]["smoothquant_alpha"] == 0.5 and "at most" not in quantization["method"]["weights"]
+    assert quantization["bits_per_weight"]["linear_layers"] == 8.5  # int8 + an fp16 scale per 32, every layer
+    assert result.targets[0].accuracy.ppl_increase_pct <= 0.5
+    graph = onnx.load(str(output / "onnxruntime" / "model.onnx"), load_external_data=False)
+    blocked = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+    assert sorted(a.i for n in blocked for a in n.attribute if a.name == "block_size") == [32] * 16
+    tables = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]  # wte, wpe
+    (lm_head,) = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert lm_head.input[1] in {n.input[0] for n in tables}  # one table: wte gathers the lm_head's int8 codes
+
+
 def run_cli(capsys, *argv):
     code = main(list(argv))
     return code, capsys.readouterr().err
