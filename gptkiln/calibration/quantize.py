@@ -129,7 +129,7 @@ class QuantResult:
                 "output_error": self.output_error, "tuning": self.tuning}
 
 
-def method_description(precision: Precision, settings: QuantSettings, calibrated: bool = True) -> dict:
+def method_description(precision: Precision, settings: QuantSettings, smoothed: bool) -> dict:
     if precision is Precision.W8A8:
         return {"weights": "int8 symmetric per output channel", "activations": "int8 symmetric per tensor",
                 "float_channels": f"max |x| >= {FLOAT_RATIO:g} x the median channel's, at most 1/{1 / FLOAT_SHARE:g}"
@@ -139,9 +139,8 @@ def method_description(precision: Precision, settings: QuantSettings, calibrated
                 "smoothquant_alpha": smoothquant_alpha(precision, settings)}
     if precision is Precision.INT8_DYNAMIC:
         return {"weights": "int8 symmetric per output channel", "activations": "int8 symmetric per token, at run time",
-                "smoothquant_alpha": smoothquant_alpha(precision, settings) if calibrated else None}
+                "smoothquant_alpha": smoothquant_alpha(precision, settings) if smoothed else None}
     if precision is Precision.INT8:
-        smoothed = calibrated and settings.smoothquant_alpha is not None
         fine = "" if smoothed else f" (at most {WIDE_INPUT_INT8_BLOCK} where a layer's input is wider than the hidden size)"
         return {"weights": f"int8 symmetric blocks of {settings.int8_block_size} input rows{fine}", "rounding": "rtn",
                 "smoothquant_alpha": smoothquant_alpha(precision, settings) if smoothed else None}
@@ -335,7 +334,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     untuned_base, untuned_rounded = base, rounded
     graph, trial, tuning, trials = every_layer()  # every trial made, the kept graph's last
     kept, sensitivity, output_error = [], {}, {}
-    method = method_description(precision, settings, calibration is not None)
+    method = method_description(precision, settings, bool(smoothing))
     coarser = fmt.without_fine_blocks() if precision is Precision.INT4 else None  # int8's are for ORT's activations
     if coarser is not None and passes(trial) and trial.accuracy.ppl_increase_pct <= SPARE * budget.max_ppl_increase_pct:
         progress.say(f"    within {SPARE:.0%} of the budget: every layer once more without the fine blocks")
