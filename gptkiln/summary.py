@@ -90,7 +90,7 @@ def _quant_line(quantization: dict) -> str:
     scaled = sum(1 for s in quantization.get("scaling", []) if s["alpha"] > 0)  # absent from earlier manifests
     floating = quantization.get("float_channels", {})  # absent from earlier manifests
     method = quantization["method"]
-    details = ", ".join(f"{k} {v}" for k, v in method.items())
+    details = ", ".join(f"{k} {v}" for k, v in method.items() if v is not None)  # None: not applied (no calibration)
     narrowed = Counter(quantization.get("narrowed_blocks", {}).values())  # absent from earlier builds' manifests
     tables = Counter((quantization.get("lookup_tables") or {}).values())  # absent from earlier manifests
     bits = quantization.get("bits_per_weight") or {}
