@@ -223,8 +223,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
             floating = _float_channels(layers, stats.absmax)
         if alpha is not None:
             # weight-only int8 shares a tied lm_head's codes with the embedding, so it is left unsmoothed
-            smoothed = [layer for layer in layers if precision is not Precision.INT8 or tied_table(layer) is None]
-            smoothing = smooth(model, smoothed, dict(stats.absmax), alpha, spec,
+            smoothable = [layer for layer in layers if precision is not Precision.INT8 or tied_table(layer) is None]
+            smoothing = smooth(model, smoothable, dict(stats.absmax), alpha, spec,
                                stats.hessians if search else None, calibration.windows.size, progress, floating)
             base = work / "smoothed" / MODEL_FILE
             base.parent.mkdir(parents=True)
@@ -335,7 +335,8 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
     graph, trial, tuning, trials = every_layer()  # every trial made, the kept graph's last
     kept, sensitivity, output_error = [], {}, {}
     method = method_description(precision, settings, bool(smoothing))
-    coarser = fmt.without_fine_blocks() if precision is Precision.INT4 else None  # int8's are for ORT's activations
+    # int8's fine blocks are for the runtimes' int8 activations (none where smoothed, above)
+    coarser = fmt.without_fine_blocks() if precision is Precision.INT4 else None
     if coarser is not None and passes(trial) and trial.accuracy.ppl_increase_pct <= SPARE * budget.max_ppl_increase_pct:
         progress.say(f"    within {SPARE:.0%} of the budget: every layer once more without the fine blocks")
         finer, fmt = fmt, coarser
