@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx_ir as ir
 
-from gptkiln.calibration.layers import LinearLayer, tied_table
+from gptkiln.calibration.layers import LinearLayer, untied
 from gptkiln.calibration.smoothquant import FoldSite, apply_scales, fold_sites
 from gptkiln.calibration.weight_only import WeightFormat, dequantize, quantize_rtn
 from gptkiln.models.spec import DecoderSpec
@@ -41,14 +41,12 @@ class Scaled:
 def awq_scale(model: ir.Model, layers: list[LinearLayer], hessians: dict[str, np.ndarray], fmt: WeightFormat,
               spec: DecoderSpec, progress: Progress = QUIET) -> list[Scaled]:
     """Scale every fold site in place by its best α; `hessians` are updated to the scaled activations."""
-    sites = fold_sites(layers, hessians, spec)
+    sites = fold_sites(untied(layers), hessians, spec)
     fmt = replace(fmt, range_search=False)  # the α that wins with full ranges; the search ~20x slower here
     bar = progress.bar(len(sites), "AWQ scales", "activations")
     report = []
     for site in sites:
         bar.step()
-        if any(tied_table(layer) is not None for layer in site.layers):
-            continue  # scaled, a tied lm_head would need its own copy of the table; unscaled, it shares the codes
         hessian = hessians[site.activation].astype(np.float64)
         formats = [fmt.for_layer(layer, spec.hidden_size).for_rows(layer.weight().shape[0]) for layer in site.layers]
         if any(f is None for f in formats):

@@ -81,6 +81,12 @@ def tied_table(layer: LinearLayer) -> ir.Value | None:
     return table if any(node.op_type == "Gather" and index == 0 for node, index in table.uses()) else None
 
 
+def untied(layers: list[LinearLayer]) -> list[LinearLayer]:
+    """The layers without a tied lm_head: the channel scales of AWQ and weight-only int8's SmoothQuant leave it out,
+    so that it keeps sharing the embedding table's codes (scaled, it would need its own copy of the table)."""
+    return [layer for layer in layers if tied_table(layer) is None]
+
+
 MIN_WEIGHT_ELEMENTS = 64  # smaller constants are shapes, axes and scalars, not weights
 
 

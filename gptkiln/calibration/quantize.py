@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from gptkiln.calibration.awq import Scaled, awq_scale
 from gptkiln.calibration.data import CalibrationSet
-from gptkiln.calibration.layers import linear_bits, linear_layers, tied_table, weight_bits
+from gptkiln.calibration.layers import linear_bits, linear_layers, untied, weight_bits
 from gptkiln.calibration.perplexity import AccuracyReport, accuracy_failures
 from gptkiln.calibration.qdq import activation_threshold, quantize_dynamic, quantize_w8a8
 from gptkiln.calibration.scale_tuning import Tuned
@@ -222,8 +222,7 @@ def quantize(prepared: Path, work: Path, precision: Precision, settings: QuantSe
         if precision is Precision.W8A8 and settings.float_channels:
             floating = _float_channels(layers, stats.absmax)
         if alpha is not None:
-            # weight-only int8 shares a tied lm_head's codes with the embedding, so it is left unsmoothed
-            smoothable = [layer for layer in layers if precision is not Precision.INT8 or tied_table(layer) is None]
+            smoothable = untied(layers) if precision is Precision.INT8 else layers  # as AWQ leaves it (int4)
             smoothing = smooth(model, smoothable, dict(stats.absmax), alpha, spec,
                                stats.hessians if search else None, calibration.windows.size, progress, floating)
             base = work / "smoothed" / MODEL_FILE
