@@ -44,6 +44,8 @@ How the anchors were made (/tmp/anchors; recipes in shared/anchors.md; each tool
       -DCMAKE_CXX_FLAGS=-mno-amx-tile\\ -mno-amx-int8\\ -mno-amx-bf16" CMAKE_BUILD_PARALLEL_LEVEL=2 \
       venv_llamacpp/bin/pip install --config-settings=build-dir=build/llcpp src/llama_cpp_python-*/
   # (build-dir is taken relative to the source: src/llama_cpp_python-*/build/llcpp, linked as build/llcpp)
+  # the same CMAKE_ARGS, `pip install src/llama_cpp_python-*/` in gptkiln's environment too: this script and
+  # compare_tools.py run llama.cpp in-process (llamacpp_runner.py)
   cd build/llcpp && cmake -DLLAMA_BUILD_TOOLS=ON . && ninja llama-quantize
   venv_ortgenai/bin/pip install sentencepiece src/llama_cpp_python-*/vendor/llama.cpp/gguf-py
   venv_ortgenai/bin/python src/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py smollm2-hf --outtype f32 \
