@@ -23,7 +23,7 @@ class GenaiRunner(Runner):
         super().__init__(spec)
         self.model, self.max_length = model, max_length
 
-    def empty_cache(self, batch: int):
+    def empty_cache(self, batch: int, capacity: int = 0):
         return None  # the Generator is the cache: made by the prefill
 
     def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):

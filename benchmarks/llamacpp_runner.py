@@ -38,7 +38,7 @@ class LlamaCppRunner(Runner):
         self.batch = ll.llama_batch_init(params.n_batch, 0, 1)
         self.kv_element_bytes = {ll.GGML_TYPE_F32: 4, ll.GGML_TYPE_F16: 2}[params.type_k]
 
-    def empty_cache(self, batch: int):
+    def empty_cache(self, batch: int, capacity: int = 0):
         return None  # the context is the cache: cleared by the prefill
 
     def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):

@@ -80,7 +80,7 @@ def forced_run(runner: Runner, prompts, steps: int, tokens: np.ndarray | None = 
     """Prefill + `steps` decode steps. Feeds `tokens` [batch, steps], or its own greedy picks."""
     batch = left_pad(prompts, pad_token_id=0, width=width)
     logits, cache = runner.step(batch.input_ids, batch.attention_mask, batch.position_ids,
-                                runner.empty_cache(len(prompts)))
+                                runner.empty_cache(len(prompts), batch.input_ids.shape[1] + steps))
     per_step, chosen = [logits], []
     mask, positions = batch.attention_mask, batch.position_ids[:, -1:]
     for step in range(steps):

@@ -46,6 +46,25 @@ def test_buffer_and_contract_arrays_agree_across_capacity_growth(runners):
         assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1e-5
 
 
+def test_a_capacity_given_up_front_is_allocated_once_and_computes_the_same(runners):
+    """generate(), the gates and bench pass the positions they will fill: the buffer is never copied to grow."""
+    buffered, _ = runners
+    rng = np.random.default_rng(1)
+    batch = left_pad([rng.integers(0, 500, 60).tolist(), rng.integers(0, 500, 45).tolist()], 0)
+    caches = [buffered.empty_cache(2), buffered.empty_cache(2, 60 + 75)]
+    sized_arrays = caches[1].arrays
+    assert caches[1].capacity == 3 * KV_BLOCK
+    mask, positions, ids = batch.attention_mask, batch.position_ids, batch.input_ids
+    for step in range(76):
+        (grown, caches[0]), (sized, caches[1]) = (buffered.step(ids, mask, positions, cache) for cache in caches)
+        valid = mask[:, -ids.shape[1]:].astype(bool)
+        assert np.abs(sized - grown)[valid].max() <= 1e-6 * np.abs(grown).max(), step
+        ids = grown[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+    assert caches[1].arrays is sized_arrays and caches[1].length == 60 + 75
+
+
 def test_last_only_is_the_last_row_of_every_position(runners):
     buffered, arrays = runners
     batch = left_pad([list(range(3, 20)), list(range(7, 16))], 0)

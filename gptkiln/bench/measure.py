@@ -133,7 +133,8 @@ def _inputs(prompt: list[int], batch: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _decode(runner: Runner, prompt: list[int], batch: int, steps: int) -> float:
     """Seconds for `steps` greedy decode steps (argmax included) after a prefill of `prompt` in every row."""
-    logits, cache = runner.step(*_inputs(prompt, batch), runner.empty_cache(batch), last_only=True)
+    logits, cache = runner.step(*_inputs(prompt, batch), runner.empty_cache(batch, len(prompt) + steps),
+                                last_only=True)
     mask = np.ones((batch, len(prompt) + steps), np.int64)
     started = time.perf_counter()
     for step in range(steps):

@@ -81,7 +81,7 @@ def _logits(runner: Runner, ids: np.ndarray) -> np.ndarray:
     token a step (the PyTorch reference: every token in one step, the same logits 4.5x faster on SmolLM2)."""
     batch, length = ids.shape
     bounds = [0, *range(length if runner.exact_cache else min(PREFILL, length), length + 1)]
-    cache, parts = runner.empty_cache(batch), []
+    cache, parts = runner.empty_cache(batch, length), []
     for start, end in zip(bounds, bounds[1:]):
         positions = np.broadcast_to(np.arange(start, end), (batch, end - start)).copy()
         logits, cache = runner.step(ids[:, start:end], np.ones((batch, end), ids.dtype), positions, cache)

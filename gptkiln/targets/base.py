@@ -32,7 +32,9 @@ class Runner(ABC):
     def __init__(self, spec: DecoderSpec):
         self.spec = spec
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
+    def empty_cache(self, batch: int, capacity: int = 0) -> list[np.ndarray]:
+        """A cache of no positions for `batch` rows. `capacity`: the most positions the caller will fill (0: not
+        known); a runner whose cache is a buffer it grows allocates that much at once."""
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.spec.num_layers)]
 

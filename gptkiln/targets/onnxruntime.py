@@ -49,7 +49,7 @@ class OnnxRuntimeRunner(Runner):
         self.cache_dtype = np.float16 if inputs.get(self.past_names[0]) == "tensor(float16)" else np.float32
         self.keeps_logits = LOGITS_TO_KEEP in inputs  # gptkiln.graph.last_logits
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
+    def empty_cache(self, batch: int, capacity: int = 0) -> list[np.ndarray]:
         return [array.astype(self.cache_dtype) for array in super().empty_cache(batch)]
 
     def cache_arrays(self, cache) -> list[np.ndarray]:
@@ -87,8 +87,8 @@ class InPlaceRunner(OnnxRuntimeRunner):
         super().__init__(spec, session)
         self.present_names = io_spec.present_names(spec.num_layers)
 
-    def empty_cache(self, batch: int) -> KVBuffer:
-        return self._buffer(batch, 0)
+    def empty_cache(self, batch: int, capacity: int = 0) -> KVBuffer:
+        return self._buffer(batch, _blocks(capacity))  # capacity known: no copy as it grows
 
     def cache_arrays(self, cache: KVBuffer) -> list[np.ndarray]:
         return [array[:, :, :cache.length].astype(np.float32) for array in cache.arrays]
@@ -129,10 +129,15 @@ class InPlaceRunner(OnnxRuntimeRunner):
 
     def _grown(self, cache: KVBuffer, keep: int, needed: int) -> KVBuffer:
         """A buffer of `needed` positions or more (a multiple of KV_BLOCK) holding cache's first `keep`."""
-        grown = self._buffer(cache.arrays[0].shape[0], -(-max(needed, 1) // KV_BLOCK) * KV_BLOCK)
+        grown = self._buffer(cache.arrays[0].shape[0], _blocks(max(needed, 1)))
         for new, old in zip(grown.arrays, cache.arrays):
             new[:, :, :keep] = old[:, :, :keep]
         return replace(grown, length=keep)
+
+
+def _blocks(positions: int) -> int:
+    """`positions` rounded up to a whole number of KV_BLOCK."""
+    return -(-positions // KV_BLOCK) * KV_BLOCK
 
 
 class OnnxRuntimeTarget(Target):

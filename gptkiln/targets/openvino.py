@@ -208,7 +208,7 @@ class StatefulRunner(OpenVinoRunner):
         order = {name: i for i, name in enumerate(io_spec.past_names(spec.num_layers))}
         self.state_order = order
 
-    def empty_cache(self, batch: int) -> StateHandle:
+    def empty_cache(self, batch: int, capacity: int = 0) -> StateHandle:
         self.request.reset_state()
         self.generation += 1
         return StateHandle(self.generation, batch)

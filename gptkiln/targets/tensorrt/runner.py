@@ -39,7 +39,7 @@ class TensorRTRunner(Runner):
         self.present_names = io_spec.present_names(spec.num_layers)
         self.placeholder = torch.empty(256, dtype=torch.uint8, device="cuda")  # address for zero-size tensors
 
-    def empty_cache(self, batch: int):
+    def empty_cache(self, batch: int, capacity: int = 0):
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
         return [self.torch.zeros(shape, dtype=self.dtypes[name], device="cuda") for name in self.past_names]
 
