@@ -11,8 +11,8 @@ gate scores its engines: each window of 128 ids from an empty cache, 8 windows a
 step and the other 64 a token a step through the stack's own KV cache (so a quantized cache counts, as it does in
 generation). Rows:
 - --genai DIR: DIR/{fp32,int8,int4}/model.onnx from onnxruntime-genai's builder, run by a plain onnxruntime
-  InferenceSession (input_ids, attention_mask, the past tensors of the step before: its GroupQueryAttention appends
-  to them);
+  InferenceSession through gptkiln's Concat-form OnnxRuntimeRunner (the past tensors of the step before in, its
+  GroupQueryAttention's past + new out);
 - --optimum-intel DIR: DIR/{fp32,int8,int4}/openvino_model.xml (stateful), twice: INFERENCE_PRECISION_HINT=f32
   and the IR's default config (its rt_info; bf16 compute on a CPU that has it; a u8 KV cache for int8 and int4);
 - --gguf FILE ...: llama.cpp through llama-cpp-python's C bindings in this environment (benchmarks/llamacpp_runner.py:
@@ -72,7 +72,7 @@ import torch
 from gptkiln.calibration.perplexity import BATCH, WINDOW, EvalText, Evaluation, compare, score
 from gptkiln.models.loading import load_model
 from gptkiln.models.spec import DecoderSpec
-from gptkiln.targets.base import Runner
+from gptkiln.targets.onnxruntime import OnnxRuntimeRunner
 from gptkiln.targets.openvino import ir_runner
 
 from llamacpp_runner import LlamaCppRunner
@@ -80,30 +80,6 @@ from tables import markdown_table
 
 PRECISIONS = ("fp32", "int8", "int4")
 FP32_TOLERANCE_PCT = 0.1  # an fp32 build's perplexity must match fp32 PyTorch's this closely (its IO handling)
-
-
-class GenaiSessionRunner(Runner):
-    """onnxruntime-genai's builder graph in a plain InferenceSession: the cache is the past_key_values.* arrays it
-    was given and the present.* arrays it returns (GroupQueryAttention appends the step's keys and values)."""
-
-    def __init__(self, spec: DecoderSpec, session):
-        super().__init__(spec)
-        self.session = session
-        self.inputs = {arg.name: arg for arg in session.get_inputs()}
-        layers = range(spec.num_layers)
-        self.past = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
-        self.present = [f"present.{i}.{kind}" for i in layers for kind in ("key", "value")]
-
-    def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                **dict(zip(self.past, cache))}
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = position_ids.astype(np.int64)
-        unexpected = set(self.inputs) - set(feed)
-        if unexpected:
-            raise ValueError(f"onnxruntime-genai graph: unexpected inputs {sorted(unexpected)}")
-        logits, *present = self.session.run(["logits", *self.present], feed)
-        return logits, present
 
 
 def genai_rows(directory: Path, spec: DecoderSpec, windows: np.ndarray, threads: int):
@@ -116,7 +92,7 @@ def genai_rows(directory: Path, spec: DecoderSpec, windows: np.ndarray, threads:
             continue
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        runner = GenaiSessionRunner(spec, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+        runner = OnnxRuntimeRunner(spec, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
         nodes = onnx.load(str(path), load_external_data=False).graph.node
         yield ("onnxruntime-genai builder", precision, f"{precision}: {_onnx_form(nodes)}",
                f"onnxruntime {ort.__version__} InferenceSession, CPU EP, {threads} threads",

@@ -38,13 +38,16 @@ def create_session(model_path: Path, threads: int = 0):
 
 
 class OnnxRuntimeRunner(Runner):
-    """The Concat form: the cache is the contract's arrays, a new set returned by every step."""
+    """The Concat form: the cache is the contract's arrays, a new set returned by every step. Also runs a graph
+    without position_ids (onnxruntime-genai's builder derives them from the mask: benchmarks/anchor_accuracy.py)."""
 
     def __init__(self, spec: DecoderSpec, session):
         super().__init__(spec)
         self.session = session
         self.past_names = io_spec.past_names(spec.num_layers)
+        self.present_names = io_spec.present_names(spec.num_layers)
         inputs = {i.name: i.type for i in session.get_inputs()}
+        self.takes_positions = "position_ids" in inputs
         # an fp16 graph keeps its KV cache in fp16 (gptkiln.graph.half)
         self.cache_dtype = np.float16 if inputs.get(self.past_names[0]) == "tensor(float16)" else np.float32
         self.keeps_logits = LOGITS_TO_KEEP in inputs  # gptkiln.graph.last_logits
@@ -56,11 +59,12 @@ class OnnxRuntimeRunner(Runner):
         return [array.astype(np.float32, copy=False) for array in cache]
 
     def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        feeds.update(zip(self.past_names, cache))
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **dict(zip(self.past_names, cache))}
+        if self.takes_positions:
+            feeds["position_ids"] = position_ids
         if self.keeps_logits:
             feeds[LOGITS_TO_KEEP] = KEEP_LAST if last_only else KEEP_EVERY
-        logits, *present = self.session.run(None, feeds)
+        logits, *present = self.session.run(["logits", *self.present_names], feeds)
         return logits, present
 
 
@@ -85,7 +89,6 @@ class InPlaceRunner(OnnxRuntimeRunner):
 
     def __init__(self, spec: DecoderSpec, session):
         super().__init__(spec, session)
-        self.present_names = io_spec.present_names(spec.num_layers)
 
     def empty_cache(self, batch: int, capacity: int = 0) -> KVBuffer:
         return self._buffer(batch, _blocks(capacity))  # capacity known: no copy as it grows
