@@ -1,6 +1,6 @@
 """Weight-only int4 and int8, block-wise along the input dimension: a blocked DequantizeLinear
-(opset 21) in front of each MatMul, so activations stay fp32. ONNX Runtime turns each pair into
-MatMulNBits (4 or 8 bits) when the session is created; OpenVINO keeps the compressed weights.
+(opset 21) in front of each MatMul, so activations stay fp32. The onnxruntime target's compile writes each
+pair as MatMulNBits, 4 or 8 bits (graph.matmul_nbits); OpenVINO keeps the compressed weights.
 A tied lm_head's codes are laid out as the embedding table ([V, K], blocks along axis 1), and one
 DequantizeLinear feeds both the Gather and the lm_head's Transpose: the engines hold one copy
 (graph.lookup_tables lowers the pair per runtime). Scales are fp16 on disk (graph.initializers.half_constant):

@@ -1,9 +1,9 @@
 """New constants and nodes in a graph, and constants stored in half precision.
 
 A quantized weight's scales are stored in fp16 (SmolLM2's int8: 8.5 bits per weight, not 9): an fp16
-initializer and a Cast to fp32 in front of the DequantizeLinear. ONNX Runtime folds the Cast when it loads the
-graph (its DequantizeLinear -> MatMul fusion then sees fp32 scales, as before); OpenVINO's conversion folds it
-too, and the openvino target stores it back in fp16 (store_half_constants). The file holds half the bytes. The
+initializer and a Cast to fp32 in front of the DequantizeLinear. The onnxruntime target's compile stores them
+as fp32 in its MatMulNBits (graph.matmul_nbits); OpenVINO's conversion folds the Cast, and the openvino target
+stores the scales back in fp16 (store_half_constants). The portable file holds half the bytes. The
 values are fp16-exact (the quantizer rounds the scales first), so the fp32 the runtimes compute with is the value
 the codes were rounded against.
 """
@@ -100,3 +100,25 @@ def fold_half_constants(model: ir.Model) -> int:
                 model.graph.register_initializer(plain)
             folded += 1
     return folded
+
+
+def replace_node(model: ir.Model, old: ir.Node, new: ir.Node) -> None:
+    """`new` in place of the one-output node `old`: its readers, its output's name, shape and type."""
+    model.graph.insert_before(old, new)
+    old.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+    new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = (
+        old.outputs[0].name, old.outputs[0].shape, old.outputs[0].type)
+    model.graph.remove(old, safe=True)
+
+
+def remove_with_constant_inputs(model: ir.Model, node: ir.Node) -> None:
+    """Remove a node nothing reads now, and the constants only it read (initializers, the Cast of fp16 scales)."""
+    inputs = list(node.inputs)
+    model.graph.remove(node, safe=True)
+    for value in inputs:
+        if value is None or value.uses():
+            continue
+        if value.producer() is not None:
+            remove_with_constant_inputs(model, value.producer())
+        else:
+            model.graph.initializers.pop(value.name)

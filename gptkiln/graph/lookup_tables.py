@@ -26,7 +26,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from gptkiln.graph.initializers import constant_array, half_constant, half_exact, initializer, stored_initializer
+from gptkiln.graph.initializers import (constant_array, half_constant, half_exact, initializer, remove_with_constant_inputs,
+                                       replace_node, stored_initializer)
+from gptkiln.graph.matmul_nbits import MATMUL_NBITS_ACCURACY, pack_nibbles, unsigned_codes
 
 MAX_BLOCK = 128  # GatherBlockQuantized takes a power-of-two block of at least 16
 MIN_OPSET = 21  # blocked DequantizeLinear and 4-bit tensors
@@ -52,13 +54,6 @@ def quantize_rows(table: np.ndarray, block: int, bits: int = 8) -> tuple[np.ndar
     zero = np.clip(np.round(-low / scale), 0, top).astype(np.uint8)
     codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
     return codes.reshape(rows, width), scale, zero
-
-
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """4-bit codes [V, n] (one a byte) as [V, ceil(n / 2)] bytes, low nibble first (a zero nibble pads an odd n)."""
-    if codes.shape[1] % 2:
-        codes = np.concatenate([codes, np.zeros((len(codes), 1), np.uint8)], axis=1)
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
 
 
 def _lookup_only(value: ir.Value) -> bool:
@@ -120,27 +115,13 @@ def _quantized_tables(model: ir.Model):
                 yield node, *readers
 
 
-def _unsigned_codes(dequantize: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(codes uint8 [V, K], scales f32 [V, K/block], zero points uint8 [V, K/block], bits) of a quantized table,
-    signed codes shifted to the unsigned grid (zero point 2**(bits-1))."""
-    codes, scales = (constant_array(v) for v in dequantize.inputs[:2])
-    bits = 4 if codes.dtype in (ml_dtypes.int4, ml_dtypes.uint4) else 8
-    if len(dequantize.inputs) == 3:
-        zeros = constant_array(dequantize.inputs[2]).astype(np.int16)
-    else:
-        zeros = np.zeros(scales.shape, np.int16)
-    shift = 2 ** (bits - 1) if codes.dtype in (ml_dtypes.int4, np.int8) else 0
-    return ((codes.astype(np.int16) + shift).astype(np.uint8), scales.astype(np.float32),
-            (zeros + shift).astype(np.uint8), bits)
-
-
 def gather_block_quantized(model: ir.Model) -> list[str]:
     """ONNX Runtime: each quantized table's Gather(DequantizeLinear(...)) as com.microsoft GatherBlockQuantized on
     the same codes, and a tied lm_head's MatMul(x, Transpose(...)) as MatMulNBits on them too; returns the tables'
     names."""
     done = []
     for dequantize, gathers, heads in _quantized_tables(model):
-        codes, scales, zeros, bits = _unsigned_codes(dequantize)
+        codes, scales, zeros, bits = unsigned_codes(dequantize)
         block = dequantize.attributes.get_int("block_size")
         name = dequantize.inputs[0].name
         if heads:
@@ -154,15 +135,12 @@ def gather_block_quantized(model: ir.Model) -> list[str]:
                 lowered = ir.node("GatherBlockQuantized", [inputs[0], gather.inputs[1], *inputs[1:]],
                                   domain="com.microsoft", attributes={"gather_axis": 0, "quantize_axis": 1, "bits": bits,
                                                                       "block_size": block}, name=gather.name)
-                _replace(model, gather, lowered)
-        _remove_with_unused_inputs(model, dequantize)
+                replace_node(model, gather, lowered)
+        remove_with_constant_inputs(model, dequantize)
         done.append(name)
     if done:
         model.opset_imports.setdefault("com.microsoft", 1)
     return done
-
-
-MATMUL_NBITS_ACCURACY = 4  # int8 compute: what ORT's own DequantizeLinear -> MatMul fusion gives the other layers
 
 
 def _lower_tied(model: ir.Model, name: str, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int,
@@ -190,12 +168,12 @@ def _lower_tied(model: ir.Model, name: str, codes: np.ndarray, scales: np.ndarra
                           attributes={"gather_axis": 0, "quantize_axis": 2, "bits": bits, "block_size": block})
         shape = initializer(model, f"{gather.name}.rows", np.array([0] * len(ids.shape) + [width], np.int64))
         model.graph.insert_before(gather, lowered)
-        _replace(model, gather, ir.node("Reshape", [lowered.outputs[0], shape], name=gather.name))
+        replace_node(model, gather, ir.node("Reshape", [lowered.outputs[0], shape], name=gather.name))
     if not default_zeros:
         head_inputs.append(initializer(model, f"{name}.zero_point.rows", pack_nibbles(zeros) if bits == 4 else zeros))
     for transpose in heads:
         for matmul, _ in list(transpose.outputs[0].uses()):
-            _replace(model, matmul, ir.node(
+            replace_node(model, matmul, ir.node(
                 "MatMulNBits", [matmul.inputs[0], shared, *head_inputs], domain="com.microsoft", name=matmul.name,
                 attributes={"K": width, "N": vocab, "bits": bits, "block_size": block,
                             "accuracy_level": MATMUL_NBITS_ACCURACY}))
@@ -221,28 +199,6 @@ def dequantize_lookup_tables(model: ir.Model) -> list[str]:
         offsets = np.repeat(zeros[0], block, axis=1) if zeros else 0.0
         table = (codes - offsets) * np.repeat(scales, block, axis=1)
         ir.convenience.replace_all_uses_with(dequantize.outputs[0], initializer(model, f"{name}.float", table))
-        _remove_with_unused_inputs(model, dequantize)
+        remove_with_constant_inputs(model, dequantize)
         done.append(name)
     return done
-
-
-def _remove_with_unused_inputs(model: ir.Model, node: ir.Node) -> None:
-    """Remove a table's DequantizeLinear (nothing reads it now) and the constants only it read (initializers, the
-    Cast of fp16 scales)."""
-    inputs = list(node.inputs)
-    model.graph.remove(node, safe=True)
-    for value in inputs:
-        if value.uses():
-            continue
-        if value.producer() is not None:
-            _remove_with_unused_inputs(model, value.producer())
-        else:
-            model.graph.initializers.pop(value.name)
-
-
-def _replace(model: ir.Model, old: ir.Node, new: ir.Node) -> None:
-    model.graph.insert_before(old, new)
-    old.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-    new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = (
-        old.outputs[0].name, old.outputs[0].shape, old.outputs[0].type)
-    model.graph.remove(old, safe=True)

@@ -173,6 +173,7 @@ class OnnxRuntimeTarget(Target):
         from gptkiln.graph.kv_buffer import share_kv_buffers
         from gptkiln.graph.last_logits import keep_last_logits
         from gptkiln.graph.lookup_tables import gather_block_quantized
+        from gptkiln.graph.matmul_nbits import lower_blocked_matmuls
         from gptkiln.graph.packed_linears import pack_linears
         from gptkiln.graph.rotary_attention import rotary_into_attention
         from gptkiln.graph.skip_layer_norm import unname_statistics
@@ -184,6 +185,7 @@ class OnnxRuntimeTarget(Target):
         all_logits_reason = keep_last_logits(model)
         tables = gather_block_quantized(model)  # the quantize stage's tables, gathered without a full dequantize
         packed = pack_linears(model)
+        weight_only = lower_blocked_matmuls(model)  # after packing: it packs the standard form
         rows = -(-spec.max_positions // KV_BLOCK) * KV_BLOCK  # a rotary table row for every slot of the buffer
         rotary_reason = rotary_into_attention(model, spec, rows)
         unname_statistics(model)
@@ -200,6 +202,7 @@ class OnnxRuntimeTarget(Target):
                 "intra_op_num_threads": self.runtime.threads, "kv_cache": kv_cache,
                 **({"kv_cache_concat_reason": concat_reason} if concat_reason else {}),
                 "last_logits": all_logits_reason is None, "quantized_lookup_tables": tables, "packed_linears": packed,
+                "matmul_nbits": weight_only,
                 "rotary_in_attention": rotary_reason is None, **({"rotary_reason": rotary_reason} if rotary_reason else {}),
                 **({"last_logits_reason": all_logits_reason} if all_logits_reason else {}), "fusion": fusion.to_dict()}
         return settings, _runner(spec, session, kv_cache)
