@@ -28,7 +28,7 @@ import onnx_ir.passes.common as common
 
 from gptkiln.graph.initializers import (constant_array, half_constant, half_exact, initializer, remove_with_constant_inputs,
                                        replace_node, stored_initializer)
-from gptkiln.graph.matmul_nbits import MATMUL_NBITS_ACCURACY, pack_nibbles, unsigned_codes
+from gptkiln.graph.matmul_nbits import MATMUL_NBITS_ACCURACY, nbits_layout, pack_nibbles, unsigned_codes
 
 MAX_BLOCK = 128  # GatherBlockQuantized takes a power-of-two block of at least 16
 MIN_OPSET = 21  # blocked DequantizeLinear and 4-bit tensors
@@ -148,9 +148,9 @@ def _lower_tied(model: ir.Model, name: str, codes: np.ndarray, scales: np.ndarra
     """One initializer in MatMulNBits' layout [V, K/block, block bytes (half in 4 bits)] for the lm_head (N = V)
     and for GatherBlockQuantized (rank 3, quantized along the last axis, a Reshape back to [..., K])."""
     vocab, width = codes.shape
-    blocks = (pack_nibbles(codes) if bits == 4 else codes).reshape(vocab, width // block, -1)
+    blocks, head_zeros = nbits_layout(codes, zeros, bits, block)
     shared = initializer(model, f"{name}.blocks", blocks)
-    default_zeros = (zeros == 2 ** (bits - 1)).all()  # both ops' default for uint8 codes: a symmetric grid
+    default_zeros = head_zeros is None  # both ops' default for uint8 codes: a symmetric grid
     # MatMulNBits wants fp32 scales [V, K/block] as an initializer (a Cast in front reads as zeros when graph
     # optimisations are off); GatherBlockQuantized rank 3: a Reshape of the same initializer, folded at load
     head_inputs = [initializer(model, f"{name}.scale.rows", scales)]
@@ -170,7 +170,7 @@ def _lower_tied(model: ir.Model, name: str, codes: np.ndarray, scales: np.ndarra
         model.graph.insert_before(gather, lowered)
         replace_node(model, gather, ir.node("Reshape", [lowered.outputs[0], shape], name=gather.name))
     if not default_zeros:
-        head_inputs.append(initializer(model, f"{name}.zero_point.rows", pack_nibbles(zeros) if bits == 4 else zeros))
+        head_inputs.append(initializer(model, f"{name}.zero_point.rows", head_zeros))
     for transpose in heads:
         for matmul, _ in list(transpose.outputs[0].uses()):
             replace_node(model, matmul, ir.node(

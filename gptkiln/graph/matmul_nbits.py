@@ -45,6 +45,16 @@ def unsigned_codes(dequantize: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndar
             (zeros + shift).astype(np.uint8), bits)
 
 
+def nbits_layout(codes: np.ndarray, zeros: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """MatMulNBits' weight [N, K/block, block bytes] from unsigned codes [N, K], and its zero points [N, K/block] as
+    the kernel takes them (two a byte in 4 bits); None where each is its default, the middle of the grid."""
+    rows, width = codes.shape
+    blocks = (pack_nibbles(codes) if bits == 4 else np.ascontiguousarray(codes)).reshape(rows, width // block, -1)
+    if (zeros == 2 ** (bits - 1)).all():
+        return blocks, None
+    return blocks, pack_nibbles(zeros) if bits == 4 else np.ascontiguousarray(zeros)
+
+
 def _lowerable(dequantize: ir.Node) -> bool:
     """A weight-only DequantizeLinear that only MatMuls read as their weight, in a form MatMulNBits takes: 4 or
     8 bits, fp32 activations, blocks along the input axis of a power-of-two size of at least 16 dividing it."""
@@ -69,15 +79,13 @@ def lower_blocked_matmuls(model: ir.Model) -> int:
         codes, scales, zeros, bits = unsigned_codes(dequantize)
         block = dequantize.attributes.get_int("block_size")
         width, outputs = codes.shape
-        rows = codes.T.reshape(outputs * width // block, block)  # a row a block, along K
-        blocks = (pack_nibbles(rows) if bits == 4 else rows).reshape(outputs, width // block, -1)
+        blocks, zero_points = nbits_layout(codes.T, zeros.T, bits, block)
         names = [stored_initializer(value).name for value in dequantize.inputs]  # fp16 scales: their initializer's
         inputs = [initializer(model, f"{names[0]}.blocks", blocks),
                   initializer(model, f"{names[1]}.rows", np.ascontiguousarray(scales.T))]
-        if not (zeros == 2 ** (bits - 1)).all():  # MatMulNBits' default: the middle of the grid
+        if zero_points is not None:
             zero_name = names[2] if len(names) == 3 else f"{names[0]}.zero_point"  # unsigned codes' default: 0
-            inputs.append(initializer(model, f"{zero_name}.rows",
-                                      pack_nibbles(zeros.T) if bits == 4 else np.ascontiguousarray(zeros.T)))
+            inputs.append(initializer(model, f"{zero_name}.rows", zero_points))
         for matmul, _ in list(dequantize.outputs[0].uses()):
             replace_node(model, matmul, ir.node(
                 "MatMulNBits", [matmul.inputs[0], *inputs], domain="com.microsoft", name=matmul.name,

@@ -87,9 +87,6 @@ class InPlaceRunner(OnnxRuntimeRunner):
     """The buffer form: the session writes each step's keys and values into the cache where it lies
     (IO binding: no copy of the cache, no numpy round trip). Capacity grows in blocks of KV_BLOCK."""
 
-    def __init__(self, spec: DecoderSpec, session):
-        super().__init__(spec, session)
-
     def empty_cache(self, batch: int, capacity: int = 0) -> KVBuffer:
         return self._buffer(batch, _blocks(capacity))  # capacity known: no copy as it grows
 
@@ -186,7 +183,7 @@ class OnnxRuntimeTarget(Target):
         tables = gather_block_quantized(model)  # the quantize stage's tables, gathered without a full dequantize
         packed = pack_linears(model)
         weight_only = lower_blocked_matmuls(model)  # after packing: it packs the standard form
-        rows = -(-spec.max_positions // KV_BLOCK) * KV_BLOCK  # a rotary table row for every slot of the buffer
+        rows = _blocks(spec.max_positions)  # a rotary table row for every slot of the buffer
         rotary_reason = rotary_into_attention(model, spec, rows)
         unname_statistics(model)
         out_dir.mkdir(parents=True, exist_ok=True)
