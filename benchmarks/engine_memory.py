@@ -1,14 +1,16 @@
 """A loaded engine's memory: each built target in a fresh process, /proc/self/status after loading, after a batch-1
 prompt and its new tokens, and after the same at batch 8; against issue 18's bound, 1.3 x (weights + the KV cache).
 
-    python benchmarks/engine_memory.py OUT[:TARGET] ... [--prompt 128] [--new-tokens 64] [--json FILE]
+    python benchmarks/engine_memory.py OUT[:TARGET] ... [--prompt 128] [--new-tokens 64] [--prompt-pass-tokens N]
+        [--json FILE]
 
 OUT is a built output directory (`gptkiln export`); TARGET one of its targets (default: every one it built).
 Resident memory is anonymous (the heap: packed weights, caches, buffers) plus file-backed (shared libraries and
 mapped weight files, clean pages the kernel may drop); the process's own imports (Python, numpy, the runtime) are
 measured first and reported beside the engine's. Memory does not depend on how busy the machine is, so the
 engines run one after another. The cache counted is prompt + new tokens at batch 8 in the engine's cache precision
-(ONNX Runtime allocates that much up front; OpenVINO grows its state as it goes).
+(ONNX Runtime allocates that much up front; OpenVINO grows its state as it goes). Prompts run as generation runs
+them (Runner.prefill); --prompt-pass-tokens sets the pass size (0: every prompt in one pass, as before session 45).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def status_mb() -> dict:
     return values
 
 
-def measure(output: Path, target: str, prompt: int, new_tokens: int) -> dict:
+def measure(output: Path, target: str, prompt: int, new_tokens: int, pass_tokens: int | None) -> dict:
     """In this process: the imports, then the engine loaded and generating."""
     import importlib
 
@@ -47,6 +49,8 @@ def measure(output: Path, target: str, prompt: int, new_tokens: int) -> dict:
 
     row = {"imports": status_mb()}
     runner = open_output(output, target).runner
+    if pass_tokens is not None:
+        runner.prompt_pass_tokens = pass_tokens or None
     row["load"] = status_mb()
     ids = np.random.default_rng(0).integers(100, 10_000, size=prompt).tolist()
     config = GenerationConfig(max_new_tokens=new_tokens)  # no end-of-text id: every row runs to the end
@@ -66,9 +70,10 @@ def measure(output: Path, target: str, prompt: int, new_tokens: int) -> dict:
     return row
 
 
-def run(output: Path, target: str, prompt: int, new_tokens: int) -> dict:
+def run(output: Path, target: str, prompt: int, new_tokens: int, pass_tokens: int | None) -> dict:
+    passes = [] if pass_tokens is None else ["--prompt-pass-tokens", str(pass_tokens)]
     child = subprocess.run([sys.executable, __file__, "--child", f"{output}:{target}", "--prompt", str(prompt),
-                            "--new-tokens", str(new_tokens)], capture_output=True, text=True, check=True)
+                            "--new-tokens", str(new_tokens), *passes], capture_output=True, text=True, check=True)
     row = json.loads(child.stdout.strip().splitlines()[-1])
     engine_peak = row["b8"]["VmHWM"] - row["imports"]["VmRSS"]
     bound = 1.3 * (row["weights_mb"] + row["cache_b8_mb"])
@@ -91,15 +96,17 @@ def main() -> None:
     parser.add_argument("outputs", nargs="+", help="OUT or OUT:TARGET")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-pass-tokens", type=int, help="tokens a prompt pass computes (0: one pass; default: "
+                        "the runner's own)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         output, _, target = args.outputs[0].rpartition(":")
-        print(json.dumps(measure(Path(output), target, args.prompt, args.new_tokens)))
+        print(json.dumps(measure(Path(output), target, args.prompt, args.new_tokens, args.prompt_pass_tokens)))
         return
-    rows = [run(output, target, args.prompt, args.new_tokens) for spec in args.outputs for output, target in
-            targets_of(spec)]
+    rows = [run(output, target, args.prompt, args.new_tokens, args.prompt_pass_tokens) for spec in args.outputs
+            for output, target in targets_of(spec)]
     print("| output | target | imports MB | after load: anon / file | peak after b8 (anon / file) | engine peak | "
           "weights + b8 cache | ratio |")
     print("|---|---|---|---|---|---|---|---|")

@@ -192,3 +192,56 @@ def smollm2_gguf() -> Path:
                 target.write(chunk)
         partial.rename(path)  # whole or absent
     return path
+
+
+@pytest.fixture(scope="session")
+def prefill_in_passes_matches_one_pass():
+    """check(runner, tolerance): a prompt run by Runner.prefill in passes of a few tokens gives the last position's
+    logits and a cache (read by the next step) that one whole-prompt step gives: a long prompt, a left-padded
+    batch, and a batch continuing after cached positions. tolerance: relative to the logits' magnitude."""
+    import numpy as np
+
+    from gptkiln.runtime.generate import left_pad
+
+    rng = np.random.default_rng(5)
+
+    def tokens(*lengths):
+        return [rng.integers(3, 500, n).tolist() for n in lengths]
+
+    def last_and_next(runner, ids, mask, positions, cache, in_passes):
+        if in_passes:
+            logits, cache = runner.prefill(ids, mask, positions, cache)
+        else:
+            logits, cache = runner.step(ids, mask, positions, cache, last_only=True)
+        token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+        following, _ = runner.step(token, mask, positions[:, -1:] + 1, cache, last_only=True)
+        return logits[:, -1], following[:, -1]
+
+    def check(runner, tolerance):
+        runner.prompt_pass_tokens = 16  # this instance, for this check
+        try:
+            _check(runner, tolerance)
+        finally:
+            del runner.prompt_pass_tokens
+
+    def _check(runner, tolerance):
+        for prompts, continued in ((tokens(50), None), (tokens(40, 25, 7), None), (tokens(9, 6), tokens(12, 12))):
+            batch = left_pad(prompts, 0)
+            ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+            if continued is not None:  # the passes continue a cache holding the first prompt
+                more = np.array(continued, np.int64)
+                ids, positions = np.concatenate([ids, more], 1), np.concatenate([positions, positions[:, -1:] + 1 +
+                                                                                 np.arange(more.shape[1])], 1)
+                mask = np.concatenate([mask, np.ones_like(more)], axis=1)
+            cache = runner.empty_cache(len(prompts), ids.shape[1] + 1)
+            one_pass = last_and_next(runner, ids, mask, positions, cache, in_passes=False)
+            cache, first = runner.empty_cache(len(prompts), ids.shape[1] + 1), 0
+            if continued is not None:
+                first = batch.input_ids.shape[1]
+                _, cache = runner.step(ids[:, :first], mask[:, :first], positions[:, :first], cache)
+            passes = last_and_next(runner, ids[:, first:], mask, positions[:, first:], cache, in_passes=True)
+            for ours, theirs in zip(passes, one_pass):
+                assert np.abs(ours - theirs).max() <= tolerance * np.abs(theirs).max(), (prompts, continued)
+
+    return check

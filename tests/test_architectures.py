@@ -8,6 +8,7 @@ import pytest
 from gptkiln.config import BuildConfig
 from gptkiln.models.spec import TESTED_FAMILIES
 from gptkiln.pipeline import build
+from gptkiln.targets import get_target
 
 from conftest import TINY_CONFIGS, VOCAB
 
@@ -34,7 +35,8 @@ def claimed(result, target: str) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
-def test_family_passes_fp32_parity_on_every_cpu_target(model_type, tiny_model_dir, tmp_path):
+def test_family_passes_fp32_parity_on_every_cpu_target(model_type, tiny_model_dir, tmp_path,
+                                                       prefill_in_passes_matches_one_pass):
     result = build(BuildConfig(model=str(tiny_model_dir(model_type)), output=tmp_path / "out", targets=CPU_TARGETS))
     assert result.ok, [t.failures for t in result.targets]
     assert result.spec.model_type == model_type and result.spec.tested
@@ -45,6 +47,9 @@ def test_family_passes_fp32_parity_on_every_cpu_target(model_type, tiny_model_di
         assert all(g.matched == g.tokens == 32 for g in target.parity.greedy), target.name
         short = [f for f in target.settings["fusion"]["fusions"] if f["short"]]
         assert not short, (target.name, short)  # a fusion that stopped matching fails here, the day it happens
+        # generation's prompt passes (Runner.prefill) through every cache form: Concat, in-place, state, arrays
+        prefill_in_passes_matches_one_pass(get_target(target.name).load(tmp_path / "out" / target.name, result.spec),
+                                           1e-4)
     ort, openvino = claimed(result, "onnxruntime"), claimed(result, "openvino")
     for counts in (ort, openvino):
         assert (counts["rms_normalization"][0] is not None) == (model_type in RMS_NORM)

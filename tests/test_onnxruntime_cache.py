@@ -65,6 +65,12 @@ def test_a_capacity_given_up_front_is_allocated_once_and_computes_the_same(runne
     assert caches[1].arrays is sized_arrays and caches[1].length == 60 + 75
 
 
+def test_a_prompt_in_passes_matches_one_pass(runners, prefill_in_passes_matches_one_pass):
+    """GroupQueryAttention continues a prompt one row at a time: a batch's passes go in groups of rows, each on
+    views of the buffer's rows."""
+    prefill_in_passes_matches_one_pass(runners[0], 1e-5)
+
+
 def test_last_only_is_the_last_row_of_every_position(runners):
     buffered, arrays = runners
     batch = left_pad([list(range(3, 20)), list(range(7, 16))], 0)

@@ -63,6 +63,13 @@ def test_last_only_is_the_last_row_of_every_position(openvino_build, target):
     np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=0, atol=1e-5 * np.abs(every).max())
 
 
+@pytest.mark.parametrize("target", ["openvino", "openvino-stateless"])
+def test_a_prompt_in_passes_matches_one_pass(openvino_build, target, prefill_in_passes_matches_one_pass):
+    """The state (or the contract's arrays) continues a prompt at any batch: passes along the positions."""
+    result, output = openvino_build
+    prefill_in_passes_matches_one_pass(get_target(target).load(output / target, result.spec), 1e-5)
+
+
 def test_a_stale_cache_handle_is_refused(openvino_build):
     import numpy as np
 

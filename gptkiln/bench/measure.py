@@ -92,11 +92,10 @@ def measure_round(runner: Runner, encode: Callable[[], list[int]], settings: Ben
     for _ in range(PREFILL_SAMPLES):  # prefill is short: a few more samples cost little
         inputs, cache = _inputs(prompt, 1), runner.empty_cache(1)
         started = time.perf_counter()
-        runner.step(*inputs, cache, last_only=True)
+        runner.prefill(*inputs, cache)
         prefill.append((time.perf_counter() - started) * 1e3)
         started = time.perf_counter()
-        logits, _ = runner.step(*_inputs(_prompt_ids(encode, settings.prompt_tokens), 1), runner.empty_cache(1),
-                                last_only=True)
+        logits, _ = runner.prefill(*_inputs(_prompt_ids(encode, settings.prompt_tokens), 1), runner.empty_cache(1))
         int(logits[0, -1].argmax())
         ttft.append((time.perf_counter() - started) * 1e3)
     decode = {str(batch): [_decode(runner, prompt, batch, settings.new_tokens)] for batch in settings.batches}
@@ -133,8 +132,7 @@ def _inputs(prompt: list[int], batch: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _decode(runner: Runner, prompt: list[int], batch: int, steps: int) -> float:
     """Seconds for `steps` greedy decode steps (argmax included) after a prefill of `prompt` in every row."""
-    logits, cache = runner.step(*_inputs(prompt, batch), runner.empty_cache(batch, len(prompt) + steps),
-                                last_only=True)
+    logits, cache = runner.prefill(*_inputs(prompt, batch), runner.empty_cache(batch, len(prompt) + steps))
     mask = np.ones((batch, len(prompt) + steps), np.int64)
     started = time.perf_counter()
     for step in range(steps):

@@ -69,7 +69,7 @@ def generate(runner: Runner, prompts: list[list[int]], config: GenerationConfig,
     batch = left_pad(prompts, config.pad_token_id)
     rng = np.random.default_rng(config.seed)
     cache = runner.empty_cache(len(prompts), batch.input_ids.shape[1] + config.max_new_tokens)
-    logits, cache = runner.step(batch.input_ids, batch.attention_mask, batch.position_ids, cache, last_only=True)
+    logits, cache = runner.prefill(batch.input_ids, batch.attention_mask, batch.position_ids, cache)
     attention_mask = batch.attention_mask
     positions = batch.position_ids[:, -1:]
     finished = np.zeros(len(prompts), dtype=bool)

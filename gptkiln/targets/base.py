@@ -22,12 +22,19 @@ from gptkiln.models.spec import DecoderSpec
 
 
 RUNTIME_CONFIG = "runtime_config.json"  # beside the engine files
+# the most tokens (rows x positions) a runner that splits prompts computes in one pass: attention's scores grow
+# with a pass's length times the context (SmolLM2 int4 on ONNX Runtime, a 4096-token prompt: 725 MB peak in one
+# pass, 449 MB in passes of 512, and 1.17x as fast; benchmarks/RESULTS.md, session 45). llama.cpp's default
+# micro-batch is 512 tokens too.
+PROMPT_PASS_TOKENS = 512
 
 
 class Runner(ABC):
     # the fp32 PyTorch model's cache holds exactly what its prefill computed: decoding through it gives a prefill's
     # logits, so an evaluation scores it in one step (calibration.perplexity)
     exact_cache = False
+    # prefill() splits a prompt into passes of at most this many tokens (None: the whole prompt in one pass)
+    prompt_pass_tokens: int | None = None
 
     def __init__(self, spec: DecoderSpec):
         self.spec = spec
@@ -47,6 +54,20 @@ class Runner(ABC):
              cache: list[np.ndarray], last_only: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         """One forward pass: logits [batch, seq, vocab] and the cache for the next step. last_only: the caller
         reads the last position's logits alone (generation), so a runner may return [batch, 1, vocab]."""
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                cache) -> tuple[np.ndarray, object]:
+        """A prompt's steps for generation: the last position's logits [batch, 1, vocab] and the cache after the
+        prompt, which runs in passes of at most `prompt_pass_tokens` tokens along its positions. attention_mask
+        covers the cache's positions and the prompt's, as for step()."""
+        batch, length = input_ids.shape
+        past = attention_mask.shape[1] - length
+        width = length if self.prompt_pass_tokens is None else max(1, self.prompt_pass_tokens // batch)
+        for start in range(0, length, width):
+            end = min(length, start + width)
+            logits, cache = self.step(input_ids[:, start:end], attention_mask[:, :past + end],
+                                      position_ids[:, start:end], cache, last_only=True)
+        return logits[:, -1:], cache
 
 
 class Target(ABC):

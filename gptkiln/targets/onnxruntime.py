@@ -12,7 +12,7 @@ from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError
 from gptkiln.exporter import io_spec
 from gptkiln.exporter.io_spec import DATA_FILE, KEEP_EVERY, KEEP_LAST, LOGITS_TO_KEEP, MODEL_FILE
 from gptkiln.models.spec import DecoderSpec
-from gptkiln.targets.base import Runner, Target
+from gptkiln.targets.base import PROMPT_PASS_TOKENS, Runner, Target
 
 # Every optimisation ORT has, applied when the session is created: the result is specific
 # to the host's CPU/GPU, so it is never saved; the portable graph is what we ship.
@@ -40,6 +40,8 @@ def create_session(model_path: Path, threads: int = 0):
 class OnnxRuntimeRunner(Runner):
     """The Concat form: the cache is the contract's arrays, a new set returned by every step. Also runs a graph
     without position_ids (onnxruntime-genai's builder derives them from the mask: benchmarks/anchor_accuracy.py)."""
+
+    prompt_pass_tokens = PROMPT_PASS_TOKENS
 
     def __init__(self, spec: DecoderSpec, session):
         super().__init__(spec)
@@ -93,17 +95,25 @@ class InPlaceRunner(OnnxRuntimeRunner):
     def cache_arrays(self, cache: KVBuffer) -> list[np.ndarray]:
         return [array[:, :, :cache.length].astype(np.float32) for array in cache.arrays]
 
+    def prefill(self, input_ids, attention_mask, position_ids, cache):
+        """GroupQueryAttention continues a prompt (a pass after the cache's first positions) one row at a time, so
+        a batch whose prompt is not one first pass runs in groups of rows, each on its rows of the buffer."""
+        batch, length = input_ids.shape
+        budget, past = self.prompt_pass_tokens, attention_mask.shape[1] - length
+        if budget is None or batch == 1 or (not past and batch * length <= budget):
+            return super().prefill(input_ids, attention_mask, position_ids, cache)
+        rows = 1 if past else max(1, budget // length)
+        cache = self._ready(cache, attention_mask, length)
+        parts = []
+        for start in range(0, batch, rows):
+            group = slice(start, start + rows)
+            view = self._bound([array[group] for array in cache.arrays], cache.length)  # the same memory
+            parts.append(super().prefill(input_ids[group], attention_mask[group], position_ids[group], view)[0])
+        return np.concatenate(parts), replace(cache, length=attention_mask.shape[1])
+
     def step(self, input_ids, attention_mask, position_ids, cache, last_only: bool = False):
-        if isinstance(cache, list):  # the contract's arrays (another runner's cache)
-            cache = self._grown(KVBuffer([np.asarray(a, self.cache_dtype) for a in cache], None, cache[0].shape[2]),
-                                cache[0].shape[2], cache[0].shape[2])
-        batch, total = attention_mask.shape
-        past = total - input_ids.shape[1]
-        if past > cache.length or cache.arrays[0].shape[0] != batch:
-            raise ValueError(f"a step after {past} positions on a batch of {batch} got a cache of {cache.length} "
-                             f"positions and {cache.arrays[0].shape[0]} rows")
-        if total > cache.capacity:
-            cache = self._grown(cache, past, total)
+        cache = self._ready(cache, attention_mask, input_ids.shape[1])
+        total = attention_mask.shape[1]
         binding = cache.binding
         binding.bind_output("logits")  # ORT allocates it at this step's shape
         for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask),
@@ -114,18 +124,33 @@ class InPlaceRunner(OnnxRuntimeRunner):
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy(), replace(cache, length=total)
 
+    def _ready(self, cache, attention_mask, length: int) -> KVBuffer:
+        """The buffer a step of `length` new positions writes into: checked, grown where it is full."""
+        if isinstance(cache, list):  # the contract's arrays (another runner's cache)
+            cache = self._grown(KVBuffer([np.asarray(a, self.cache_dtype) for a in cache], None, cache[0].shape[2]),
+                                cache[0].shape[2], cache[0].shape[2])
+        batch, total = attention_mask.shape
+        past = total - length
+        if past > cache.length or cache.arrays[0].shape[0] != batch:
+            raise ValueError(f"a step after {past} positions on a batch of {batch} got a cache of {cache.length} "
+                             f"positions and {cache.arrays[0].shape[0]} rows")
+        return self._grown(cache, past, total) if total > cache.capacity else cache
+
     def _buffer(self, batch: int, capacity: int) -> KVBuffer:
+        shape = (batch, self.spec.num_kv_heads, capacity, self.spec.head_dim)
+        return self._bound([np.zeros(shape, self.cache_dtype) for _ in self.past_names], 0)
+
+    def _bound(self, arrays: list[np.ndarray], length: int) -> KVBuffer:
+        """`arrays` (C-contiguous: a buffer or a range of its rows) bound as every layer's past and present."""
         import onnxruntime as ort
 
-        shape = (batch, self.spec.num_kv_heads, capacity, self.spec.head_dim)
-        arrays = [np.zeros(shape, self.cache_dtype) for _ in self.past_names]
         binding = self.session.io_binding()
         binding.bind_output("logits")
         for past_name, present_name, array in zip(self.past_names, self.present_names, arrays):
             value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the array's memory
             binding.bind_ortvalue_input(past_name, value)
             binding.bind_ortvalue_output(present_name, value)
-        return KVBuffer(arrays, binding, 0)
+        return KVBuffer(arrays, binding, length)
 
     def _grown(self, cache: KVBuffer, keep: int, needed: int) -> KVBuffer:
         """A buffer of `needed` positions or more (a multiple of KV_BLOCK) holding cache's first `keep`."""

@@ -28,7 +28,7 @@ from gptkiln.errors import ArtifactError, ExportError, TargetUnavailableError, U
 from gptkiln.ecosystem.openvino_genai import carry_runtime_options
 from gptkiln.exporter import io_spec
 from gptkiln.models.spec import DecoderSpec
-from gptkiln.targets.base import Runner, Target
+from gptkiln.targets.base import PROMPT_PASS_TOKENS, Runner, Target
 
 IR_FILE = "openvino_model.xml"  # weights in openvino_model.bin beside it; the name openvino-genai and optimum read
 BEAM_INPUT = "beam_idx"
@@ -187,6 +187,8 @@ def ir_runner(path: Path, spec: DecoderSpec, config: dict, stateful: bool = True
 
 
 class OpenVinoRunner(Runner):
+    prompt_pass_tokens = PROMPT_PASS_TOKENS
+
     def __init__(self, spec: DecoderSpec, compiled, keeps_logits: bool):
         super().__init__(spec)
         self.compiled = compiled
