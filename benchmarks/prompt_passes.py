@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gptkiln.bench.measure import spread
 
 from engine_memory import targets_of
 from tables import markdown_table
@@ -75,10 +76,10 @@ def main() -> None:
                                    capture_output=True, text=True, check=True)
             result = results[f"{output}:{target}"] = json.loads(child.stdout.strip().splitlines()[-1])
             for shape, sample in result["samples"].items():
-                one, passes = (statistics.median(sample[k]) for k in ("one pass", "passes"))
-                rows.append([f"{output.name}:{target}", shape, f"{one:.1f} ({min(sample['one pass']):.1f}-"
-                             f"{max(sample['one pass']):.1f})", f"{passes:.1f} ({min(sample['passes']):.1f}-"
-                             f"{max(sample['passes']):.1f})", f"{one / passes:.2f}x"])
+                one, passes = (spread(sample[k]) for k in ("one pass", "passes"))
+                rows.append([f"{output.name}:{target}", shape, *(f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+                                                                  for s in (one, passes)),
+                             f"{one['median'] / passes['median']:.2f}x"])
     print(markdown_table(["engine", "batch x prompt", "one pass ms", "passes ms", "speed-up"], rows))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
